@@ -1,0 +1,497 @@
+"""Train and evaluate UPRet (or the CiCo baseline) for sign-language video retrieval.
+
+Single process:     python CLCL/main_task_retrieval.py --config configs/demo.yaml --do_train --do_eval
+Several processes:  torchrun --nproc_per_node=4 CLCL/main_task_retrieval.py --config configs/ph.yaml --do_train
+Older launcher:     python -m torch.distributed.launch --nproc_per_node=2 CLCL/main_task_retrieval.py ...
+
+Values of ``--config`` are defaults; flags on the command line override them. ``--batch_size`` is
+the global batch over all processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # Lets the driver run both from the repository root and from inside CLCL/.
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+
+from dataloaders.annotations import Split, load_split  # noqa: E402
+from dataloaders.features import FeatureReader  # noqa: E402
+from dataloaders.retrieval import EvalTextDataset, EvalVideoDataset, TrainDataset, drop_videos_without_features  # noqa: E402
+from dataloaders.text import ClipTokenizer  # noqa: E402
+from modules import distributed as du  # noqa: E402
+from modules.checkpoint import (  # noqa: E402
+    BEST_NAME,
+    LAST_NAME,
+    load_checkpoint,
+    load_model_weights,
+    model_state_from,
+    save_checkpoint,
+    unwrap_model,
+)
+from modules.clip import CLIPConfig, config_from_state_dict, load_openai_weights  # noqa: E402
+from modules.criterion import RetrievalLoss  # noqa: E402
+from modules.engine import evaluate, train_one_epoch  # noqa: E402
+from modules.logger import setup_logging  # noqa: E402
+from modules.metrics import format_metrics_table  # noqa: E402
+from modules.model import RetrievalModel  # noqa: E402
+from modules.optimization import build_optimizer, build_scheduler, freeze_text_embeddings  # noqa: E402
+
+logger = logging.getLogger("upret")
+
+CLIP_KEYS = (
+    "embed_dim",
+    "vocab_size",
+    "context_length",
+    "text_width",
+    "text_layers",
+    "text_heads",
+    "video_input_dim",
+    "video_width",
+    "video_layers",
+    "video_heads",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser; every default is the released code's value unless noted."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", type=str, default=None, help="YAML file whose keys set the defaults of these flags")
+    run.add_argument("--do_train", action="store_true", help="train, selecting the best epoch on --select_on")
+    run.add_argument("--do_eval", action="store_true", help="evaluate on --eval_split (after --do_train: the best checkpoint)")
+    run.add_argument("--output_dir", type=str, default="runs/upret", help="run folder for logs, checkpoints and results")
+    run.add_argument("--seed", type=int, default=42, help="seed of Python, NumPy and torch")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto picks CUDA when available")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="autocast of the encoders; auto is bf16 on CUDA and fp32 on CPU")
+    run.add_argument("--resume", type=str, default=None,
+                     help="training checkpoint to continue from, or 'latest' for <output_dir>/checkpoint_last.pt")
+    run.add_argument("--init_model", type=str, default=None, help="model weights to start from or to evaluate")
+    run.add_argument("--num_workers", type=int, default=2, help="data-loader worker processes per rank")
+    run.add_argument("--log_every", type=int, default=20, help="log the loss terms every N steps")
+    run.add_argument("--dist_timeout", type=float, default=1800.0, help="process-group timeout in seconds")
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                     help="set by python -m torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--datatype", choices=("h2s", "ph", "csl", "demo"), default="ph", help="dataset")
+    data.add_argument("--data_path", type=str, default=None, help="folder of the annotation pickles")
+    data.add_argument("--features_path", type=str, default=None, help="root of the domain-agnostic features")
+    data.add_argument("--features_path_retrain", type=str, default=None, help="root of the domain-aware features")
+    data.add_argument("--alpha", type=float, default=0.9, help="weight of the domain-agnostic stream in the fusion")
+    data.add_argument("--feature_len", type=int, default=64, help="clip features kept per video")
+    data.add_argument("--max_words", type=int, default=32, help="text tokens per sentence, SOT and EOT included")
+    data.add_argument("--text_aug_p", type=float, default=0.5, help="probability of the random-swap augmentation")
+    data.add_argument("--select_on", choices=("dev", "test"), default="dev",
+                      help="split for checkpoint selection; 'test' reproduces the published protocol")
+    data.add_argument("--dev_size", type=float, default=0.05,
+                      help="size of the dev slice taken from the training sentences where no dev split exists "
+                           "(a fraction if < 1, else a count)")
+    data.add_argument("--released_ph_aware_path", action=bool_flag, default=False,
+                      help="PHOENIX: train on the agnostic stream for both streams, as the released loader did")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--method", choices=("upret", "cico"), default="upret", help="UPRet or the CiCo baseline")
+    model.add_argument("--pretrained_clip_name", type=str, default=None,
+                       help="path of OpenAI's ViT-B-32.pt (TorchScript archive or state dict); none = random init")
+    default_sizes = CLIPConfig()
+    for key in CLIP_KEYS:
+        model.add_argument(f"--{key}", type=int, default=getattr(default_sizes, key),
+                           help="architecture size (read from the file instead when a CLIP file is given)")
+    model.add_argument("--sample_num", type=int, default=2, help="K, Monte Carlo samples per item (the mean is one)")
+    model.add_argument("--dist_heads", type=int, default=8, help="attention heads of the distribution heads")
+    model.add_argument("--dist_dropout", type=float, default=0.1, help="dropout of the distribution heads")
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--dual_mix", type=float, default=0.5, help="weight d of the clip-to-words direction, 1 - d of words-to-clips")
+    loss.add_argument("--tau", type=float, default=0.07, help="temperature of the token-wise softmax")
+    loss.add_argument("--ot_weight", type=float, default=1.0, help="w_ot, weight of the OT score in the logits")
+    loss.add_argument("--ot_eps", type=float, default=0.1, help="entropic regularisation epsilon of Sinkhorn")
+    loss.add_argument("--sinkhorn_iters", type=int, default=100, help="maximum Sinkhorn iterations")
+    loss.add_argument("--sinkhorn_tol", type=float, default=1e-2, help="Sinkhorn tolerance on the scaling change")
+    loss.add_argument("--ot_aggregation", choices=("max", "inner"), default="max",
+                      help="max: the released max-then-mean of P*S; inner: <P, S>")
+    loss.add_argument("--ot_mode", choices=("logits", "loss"), default="logits",
+                      help="add the OT score to the logits (released) or use it as a separate InfoNCE term")
+    loss.add_argument("--masked_softmax", action=bool_flag, default=False,
+                      help="restrict the token-wise softmaxes to valid positions (the released code does not)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=512, help="global training batch over all processes")
+    optim.add_argument("--batch_size_val", type=int, default=64, help="evaluation batch per process")
+    optim.add_argument("--epochs", type=int, default=200, help="training epochs")
+    optim.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    optim.add_argument("--weight_decay", type=float, default=1e-3, help="decoupled weight decay")
+    optim.add_argument("--warmup_proportion", type=float, default=0.1, help="linear warm-up share of all steps")
+    optim.add_argument("--optimizer", choices=("bertadam", "adamw"), default="bertadam",
+                       help="bertadam: the released Adam without bias correction and per-tensor clipping")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="global gradient-norm clip (0 disables)")
+    optim.add_argument("--train_text_embeddings", action=bool_flag, default=False,
+                       help="train the text token and positional embeddings (frozen in the released runs)")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--t2v_gallery", choices=("groups", "videos"), default="groups",
+                            help="T2V ranks sentence groups by their best video (published) or all videos")
+    evaluation.add_argument("--eval_split", choices=("dev", "test"), default="test",
+                            help="split that --do_eval reports (dev where the test features are not available)")
+    evaluation.add_argument("--eval_block_size", type=int, default=256, help="videos and sentences per scoring block")
+    return parser
+
+
+def resolve_path(value: Optional[str]) -> Optional[Path]:
+    """Resolve a path against the working directory, falling back to the repository root."""
+    if value is None or str(value).lower() in ("", "none", "null"):
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags on top of the defaults from ``--config``; reject unknown config keys."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        config_path = resolve_path(known.config)
+        if config_path is None or not config_path.is_file():
+            parser.error(f"config file not found: {known.config}")
+        with open(config_path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            parser.error(f"{config_path} must contain a mapping of flag names to values")
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not (args.do_train or args.do_eval):
+        parser.error("nothing to do: pass --do_train and/or --do_eval")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if args.feature_len < 1:
+        parser.error(f"--feature_len must be >= 1, got {args.feature_len}")
+    if args.max_words < 3:
+        parser.error(f"--max_words must be >= 3 (SOT, one token, EOT), got {args.max_words}")
+    for name in ("data_path", "features_path", "features_path_retrain"):
+        if getattr(args, name) is None:
+            parser.error(f"--{name} is required (set it in the config or on the command line)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def clip_config_from_args(args: argparse.Namespace) -> CLIPConfig:
+    values = {key: getattr(args, key) for key in CLIP_KEYS}
+    return CLIPConfig(feature_len=args.feature_len, **values)
+
+
+def build_model(args: argparse.Namespace) -> RetrievalModel:
+    """Build the model; load OpenAI CLIP weights when ``--pretrained_clip_name`` is a file."""
+    clip_path = resolve_path(args.pretrained_clip_name)
+    if clip_path is not None:
+        if not clip_path.is_file():
+            raise FileNotFoundError(
+                f"CLIP weights not found: {args.pretrained_clip_name}. Put OpenAI's ViT-B-32.pt there, or pass "
+                "--pretrained_clip_name none to start from random weights."
+            )
+        from modules.clip import read_checkpoint
+
+        config = config_from_state_dict(read_checkpoint(clip_path), feature_len=args.feature_len)
+    else:
+        config = clip_config_from_args(args)
+    model = RetrievalModel(
+        config, method=args.method, sample_num=args.sample_num, dist_heads=args.dist_heads,
+        dist_dropout=args.dist_dropout,
+    )
+    if clip_path is not None:
+        report = load_openai_weights(model.clip, clip_path)
+        logger.info("loaded CLIP weights from %s: %d tensors", clip_path, len(report.loaded))
+    if not args.train_text_embeddings:
+        frozen = freeze_text_embeddings(model)
+        logger.info("frozen parameters: %s", ", ".join(frozen))
+    return model
+
+
+class Data:
+    """The splits and feature readers of one run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data_path = resolve_path(args.data_path)
+        self.agnostic_root = resolve_path(args.features_path)
+        self.aware_root = resolve_path(args.features_path_retrain)
+        for flag, path in (("--data_path", self.data_path), ("--features_path", self.agnostic_root),
+                           ("--features_path_retrain", self.aware_root)):
+            if not path.is_dir():
+                raise FileNotFoundError(f"{flag} folder not found: {path}")
+        self.tokenizer = ClipTokenizer(max_words=args.max_words)
+        self._splits: dict[str, Split] = {}
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            self._splits[name] = load_split(
+                self.args.datatype, self.data_path, name, dev_size=self.args.dev_size, seed=self.args.seed
+            )
+        return self._splits[name]
+
+    def readers(self, split: Split, train: bool = False) -> tuple[FeatureReader, FeatureReader]:
+        agnostic = FeatureReader(self.agnostic_root, split.feature_subset)
+        if train and self.args.datatype == "ph" and self.args.released_ph_aware_path:
+            return agnostic, agnostic
+        return agnostic, FeatureReader(self.aware_root, split.feature_subset)
+
+    def train_dataset(self) -> TrainDataset:
+        split = self.split("train")
+        agnostic, aware = self.readers(split, train=True)
+        records = split.records
+        if self.args.datatype == "h2s" and not (self.data_path / "train.pkl").is_file():
+            # Records rebuilt from the realigned CSV include segments that were never cut into clips.
+            records = drop_videos_without_features(records, [agnostic, aware])
+        return TrainDataset(
+            records, agnostic, aware, self.tokenizer, alpha=self.args.alpha,
+            feature_len=self.args.feature_len, text_aug_p=self.args.text_aug_p, seed=self.args.seed,
+        )
+
+    def eval_loaders(self, name: str) -> tuple[DataLoader, DataLoader, np.ndarray]:
+        split = self.split(name)
+        agnostic, aware = self.readers(split)
+        videos = EvalVideoDataset(split.records, agnostic, aware, alpha=self.args.alpha, feature_len=self.args.feature_len)
+        texts = EvalTextDataset(split.records, self.tokenizer)
+        kwargs = {"batch_size": self.args.batch_size_val, "num_workers": self.args.num_workers, "shuffle": False}
+        return DataLoader(videos, **kwargs), DataLoader(texts, **kwargs), videos.video_to_sentence
+
+
+def run_evaluation(
+    args: argparse.Namespace, model: torch.nn.Module, data: Data, split_name: str, dist_info: du.DistInfo
+) -> dict[str, Any]:
+    video_loader, text_loader, video_to_sentence = data.eval_loaders(split_name)
+    metrics, _ = evaluate(
+        model, video_loader, text_loader, video_to_sentence, dist_info.device,
+        dual_mix=args.dual_mix, tau=args.tau, masked_softmax=args.masked_softmax,
+        block_size=args.eval_block_size, t2v_gallery=args.t2v_gallery, precision=args.precision,
+    )
+    logger.info("%s split (%d videos, %d sentences):\n%s", split_name, len(video_to_sentence),
+                int(video_to_sentence.max()) + 1, format_metrics_table(metrics))
+    return metrics
+
+
+def evaluate_on_main(args, model, data, split_name, dist_info) -> Optional[dict[str, Any]]:
+    """Evaluate on rank 0 while the other ranks wait; return the metrics on every rank."""
+    metrics = run_evaluation(args, model, data, split_name, dist_info) if dist_info.is_main else None
+    return du.broadcast_object(metrics)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, select_on: str) -> None:
+    """Draw the training loss and the selection-split R@1 per epoch into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(epochs, [row["train"]["loss"] for row in history], marker="o")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_r1.plot(epochs, [row[select_on]["t2v"]["R1"] for row in history], marker="o", label="T2V R@1")
+    ax_r1.plot(epochs, [row[select_on]["v2t"]["R1"] for row in history], marker="s", label="V2T R@1")
+    ax_r1.set_xlabel("epoch")
+    ax_r1.set_ylabel(f"{select_on} R@1 (%)")
+    ax_r1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info: du.DistInfo,
+          output_dir: Path) -> dict[str, Any]:
+    """Train for ``args.epochs`` epochs, evaluating and checkpointing after each one."""
+    world = dist_info.world_size
+    if args.batch_size % world != 0:
+        raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
+    local_batch = args.batch_size // world
+
+    train_set = data.train_dataset()
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=dist_info.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        drop_last=True, pin_memory=dist_info.device.type == "cuda",
+                        persistent_workers=False)  # workers must see set_epoch, so they restart each epoch
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training split has {len(train_set)} sentences, fewer than one global batch of "
+            f"{args.batch_size}; lower --batch_size"
+        )
+    total_steps = steps_per_epoch * args.epochs
+
+    core = model
+    criterion = RetrievalLoss(
+        method=args.method, dual_mix=args.dual_mix, tau=args.tau, ot_weight=args.ot_weight, ot_eps=args.ot_eps,
+        sinkhorn_iters=args.sinkhorn_iters, sinkhorn_tol=args.sinkhorn_tol, ot_aggregation=args.ot_aggregation,
+        ot_mode=args.ot_mode, masked_softmax=args.masked_softmax,
+        gather=du.gather_outputs if dist_info.distributed else None,
+    )
+    optimizer = build_optimizer(core, name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup=args.warmup_proportion)
+
+    start_epoch, global_step = 0, 0
+    best_score, best_epoch = -1.0, -1
+    history: list[dict[str, Any]] = []
+    resume_path = output_dir / LAST_NAME if args.resume == "latest" else resolve_path(args.resume)
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path)
+        core.load_state_dict(model_state_from(checkpoint))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        global_step = int(checkpoint["step"])
+        best_score, best_epoch = float(checkpoint["best_score"]), int(checkpoint["best_epoch"])
+        history = json.loads(checkpoint.get("history_json", "[]"))
+        logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch, global_step)
+
+    if dist_info.distributed:
+        ddp_kwargs = {"device_ids": [dist_info.local_rank]} if dist_info.device.type == "cuda" else {}
+        model = torch.nn.parallel.DistributedDataParallel(core, **ddp_kwargs)
+
+    num_params = sum(p.numel() for p in core.parameters())
+    trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    logger.info(
+        "training %s: %d sentences, global batch %d (%d per process, world size %d), %d steps per epoch, "
+        "%d epochs; %.2fM parameters (%.2fM trainable)",
+        args.method, len(train_set), args.batch_size, local_batch, world, steps_per_epoch, args.epochs,
+        num_params / 1e6,
+        trainable / 1e6,
+    )
+    sentence_ids = [record.sentence_id for record in train_set.records]
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        train_terms, global_step = train_one_epoch(
+            model, criterion, loader, optimizer, scheduler, epoch, global_step, dist_info,
+            precision=args.precision, max_grad_norm=args.max_grad_norm, log_every=args.log_every,
+            sentence_ids=sentence_ids,
+        )
+        metrics = evaluate_on_main(args, core, data, args.select_on, dist_info)
+        score = metrics["t2v"]["R1"]
+        history.append({"epoch": epoch, "train": train_terms, args.select_on: metrics})
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+        logger.info(
+            "epoch %d done in %.1fs: loss %.4f, %s T2V R@1 %.2f (best %.2f at epoch %d)",
+            epoch, train_terms["epoch_time_s"], train_terms["loss"], args.select_on, score, best_score, best_epoch,
+        )
+
+        if dist_info.is_main:
+            state = {
+                "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "step": global_step,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "history_json": json.dumps(history, default=str),
+                "config_json": json.dumps(vars(args), default=str),
+            }
+            save_checkpoint(state, output_dir / LAST_NAME)
+            if improved:
+                save_checkpoint({"model": state["model"], "epoch": epoch, "config_json": state["config_json"]},
+                                output_dir / BEST_NAME)
+            plot_history(history, output_dir / "curves.png", args.select_on)
+        du.barrier()
+
+    return {"history": history, "best_epoch": best_epoch, "best_score": best_score, "steps": global_step}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    dist_info = du.init_distributed(args.local_rank, device=args.device, timeout_s=args.dist_timeout)
+    if args.precision == "auto":
+        args.precision = "bf16" if dist_info.device.type == "cuda" else "fp32"
+    output_dir = resolve_path(args.output_dir) or Path("runs/upret")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(output_dir / "log.txt", rank=dist_info.rank)
+    seed_everything(args.seed)
+    start = time.time()
+    try:
+        logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True, default=str))
+        if dist_info.is_main:
+            with open(output_dir / "config.yaml", "w", encoding="utf-8") as handle:
+                yaml.safe_dump(vars(args), handle, sort_keys=True)
+
+        data = Data(args)
+        model = build_model(args).to(dist_info.device)
+        if args.init_model:
+            load_model_weights(model, resolve_path(args.init_model))
+            logger.info("initialised the model from %s", args.init_model)
+
+        results: dict[str, Any] = {"method": args.method, "datatype": args.datatype, "config": vars(args)}
+        if args.do_train:
+            outcome = train(args, model, data, dist_info, output_dir)
+            results["selection"] = {
+                "split": args.select_on,
+                "best_epoch": outcome["best_epoch"],
+                "best_t2v_R1": outcome["best_score"],
+            }
+            if args.select_on == "test":
+                logger.warning("checkpoints were selected on the test split; the test numbers are optimistic")
+            if args.select_on == "dev" and args.datatype in ("h2s", "csl"):
+                results["selection"]["dev_sentence_ids"] = [r.sentence_id for r in data.split("dev").records]
+            results["history"] = outcome["history"]
+            results["steps"] = outcome["steps"]
+            load_model_weights(model, output_dir / BEST_NAME)
+        if args.do_eval:
+            results["eval_split"] = args.eval_split
+            results["eval"] = evaluate_on_main(args, model, data, args.eval_split, dist_info)
+        results["wall_time_s"] = time.time() - start
+        if dist_info.is_main:
+            write_json(output_dir / "results.json", results)
+            logger.info("results written to %s (%.1f s)", output_dir / "results.json", results["wall_time_s"])
+        return results
+    finally:
+        du.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Annotation readers, feature stores, tokenisation and the retrieval datasets."""

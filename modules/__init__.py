@@ -1,0 +1,1 @@
+"""Model maths of UPRet and CiCo: encoders, heads, similarity, optimal transport, loss, metrics."""

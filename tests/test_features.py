@@ -1,0 +1,102 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataloaders.features import FeatureReader, fuse_streams, sample_clips
+
+
+def write_features(root: Path, subset: str, video_name: str, content: object) -> Path:
+    path = root / subset / f"{video_name}.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        pickle.dump(content, handle)
+    return path
+
+
+def row_indexed(num_clips: int, channels: int = 3) -> np.ndarray:
+    """Features whose every entry equals its row index plus one, so zero padding stays distinguishable."""
+    return np.repeat(np.arange(1, num_clips + 1, dtype=np.float32)[:, None], channels, axis=1)
+
+
+def test_reader_path_and_load(tmp_path: Path) -> None:
+    features = np.arange(6, dtype=np.float64).reshape(3, 2)
+    written = write_features(tmp_path, "test", "clip_a", {"name": "/videos/a.mp4", "feature": features})
+    reader = FeatureReader(tmp_path, "test")
+
+    assert reader.path("clip_a") == written
+    assert reader.exists("clip_a")
+    loaded = reader.load("clip_a")
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, features)
+
+
+def test_reader_missing_file(tmp_path: Path) -> None:
+    reader = FeatureReader(tmp_path, "train")
+    with pytest.raises(FileNotFoundError) as error:
+        reader.load("absent")
+    message = str(error.value)
+    assert str(tmp_path / "train" / "absent.pkl") in message
+    assert "<subset>/<video_name>.pkl" in message
+
+
+@pytest.mark.parametrize(
+    "content", [{"feat": np.zeros((2, 4))}, {"feature": np.zeros(4)}, {"feature": np.zeros((0, 4))}]
+)
+def test_reader_invalid_content(tmp_path: Path, content: dict) -> None:
+    write_features(tmp_path, "train", "bad", content)
+    with pytest.raises(ValueError, match="bad.pkl"):
+        FeatureReader(tmp_path, "train").load("bad")
+
+
+def test_fuse_streams_weights_agnostic() -> None:
+    agnostic = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    aware = np.array([[10.0, 20.0], [30.0, 40.0]], dtype=np.float32)
+    fused = fuse_streams(agnostic, aware, alpha=0.8)
+
+    expected = np.array([[0.2 * 10 + 0.8 * 1, 0.2 * 20 + 0.8 * 2],
+                         [0.2 * 30 + 0.8 * 3, 0.2 * 40 + 0.8 * 4]])
+    assert fused.dtype == np.float32
+    np.testing.assert_allclose(fused, expected, rtol=1e-6)
+    np.testing.assert_array_equal(fuse_streams(agnostic, aware, alpha=1.0), agnostic)
+    np.testing.assert_array_equal(fuse_streams(agnostic, aware, alpha=0.0), aware)
+
+
+def test_fuse_streams_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(4, 2\)"):
+        fuse_streams(np.zeros((3, 2)), np.zeros((4, 2)), alpha=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        fuse_streams(np.zeros((3, 2)), np.zeros((3, 2)), alpha=1.5)
+
+
+def test_sample_clips_pads_short_video() -> None:
+    video, mask = sample_clips(row_indexed(3), feature_len=5)
+
+    assert video.shape == (5, 3)
+    assert video.dtype == np.float32
+    np.testing.assert_array_equal(video[:, 0], [1, 2, 3, 0, 0])
+    assert mask.dtype == np.int64
+    np.testing.assert_array_equal(mask, [0, 1, 1, 1, 0, 0])
+
+
+@pytest.mark.parametrize(
+    ("num_clips", "expected_rows"),
+    [
+        (8, [0, 1, 2, 3, 4, 5, 6, 7]),
+        # 63 / 7 = 9 exactly.
+        (64, [0, 9, 18, 27, 36, 45, 54, 63]),
+        # 99 / 7 = 14.142857..., floored: 14.14, 28.29, 42.43, 56.57, 70.71, 84.86.
+        (100, [0, 14, 28, 42, 56, 70, 84, 99]),
+    ],
+)
+def test_sample_clips_uniform_rows(num_clips: int, expected_rows: list[int]) -> None:
+    video, mask = sample_clips(row_indexed(num_clips), feature_len=8)
+
+    np.testing.assert_array_equal(video[:, 0], np.array(expected_rows) + 1)
+    np.testing.assert_array_equal(mask, [0] + [1] * 8)
+
+
+def test_sample_clips_rejects_empty() -> None:
+    with pytest.raises(ValueError, match="num_clips"):
+        sample_clips(np.zeros((0, 3), dtype=np.float32), feature_len=4)
