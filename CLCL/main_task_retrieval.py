@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,23 +56,29 @@ from modules.optimization import build_optimizer, build_scheduler, freeze_text_e
 
 logger = logging.getLogger("upret")
 
-CLIP_KEYS = (
-    "embed_dim",
-    "vocab_size",
-    "context_length",
-    "text_width",
-    "text_layers",
-    "text_heads",
-    "video_input_dim",
-    "video_width",
-    "video_layers",
-    "video_heads",
-)
+# Architecture flags and their help; a CLIP file given with --pretrained_clip_name overrides them.
+CLIP_FLAGS = {
+    "embed_dim": "width of the joint token space",
+    "vocab_size": "rows of the text token embedding",
+    "context_length": "rows of the text positional embedding (--max_words of them are used)",
+    "text_width": "width of the text transformer",
+    "text_layers": "layers of the text transformer",
+    "text_heads": "attention heads of the text transformer",
+    "video_input_dim": "width of one clip feature",
+    "video_width": "width of the feature transformer",
+    "video_layers": "layers of the feature transformer",
+    "video_heads": "attention heads of the feature transformer",
+}
+CLIP_KEYS = tuple(CLIP_FLAGS)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the module docstring's layout and show every default."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser; every default is the released code's value unless noted."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
 
     run = parser.add_argument_group("run")
@@ -106,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dev_size", type=float, default=0.05,
                       help="size of the dev slice taken from the training sentences where no dev split exists "
                            "(a fraction if < 1, else a count)")
+    data.add_argument("--dev_seed", type=int, default=0,
+                      help="seed of the dev slice, kept apart from --seed so that every run selects on the same sentences")
     data.add_argument("--released_ph_aware_path", action=bool_flag, default=False,
                       help="PHOENIX: train on the agnostic stream for both streams, as the released loader did")
 
@@ -114,9 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained_clip_name", type=str, default=None,
                        help="path of OpenAI's ViT-B-32.pt (TorchScript archive or state dict); none = random init")
     default_sizes = CLIPConfig()
-    for key in CLIP_KEYS:
-        model.add_argument(f"--{key}", type=int, default=getattr(default_sizes, key),
-                           help="architecture size (read from the file instead when a CLIP file is given)")
+    for key, help_text in CLIP_FLAGS.items():
+        model.add_argument(f"--{key}", type=int, default=getattr(default_sizes, key), help=help_text)
     model.add_argument("--sample_num", type=int, default=2, help="K, Monte Carlo samples per item (the mean is one)")
     model.add_argument("--dist_heads", type=int, default=8, help="attention heads of the distribution heads")
     model.add_argument("--dist_dropout", type=float, default=0.1, help="dropout of the distribution heads")
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=512, help="global training batch over all processes")
-    optim.add_argument("--batch_size_val", type=int, default=64, help="evaluation batch per process")
+    optim.add_argument("--batch_size_val", type=int, default=64, help="evaluation batch (rank 0 evaluates alone)")
     optim.add_argument("--epochs", type=int, default=200, help="training epochs")
     optim.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     optim.add_argument("--weight_decay", type=float, default=1e-3, help="decoupled weight decay")
@@ -158,14 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_path(value: Optional[str]) -> Optional[Path]:
-    """Resolve a path against the working directory, falling back to the repository root."""
+    """Resolve a relative path in the working directory if it exists there, else in the repository root.
+
+    A relative path that exists in neither place (such as a new run folder) is placed under the
+    repository root, so runs started from ``CLCL/`` and from the root share their folders.
+    """
     if value is None or str(value).lower() in ("", "none", "null"):
         return None
     path = Path(value).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.exists() else path
+    return REPO_ROOT / path
+
+
+def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, source: Path) -> Any:
+    """Check one config value the way argparse checks the flag; return it converted."""
+    flag = action.option_strings[0]
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true and --flag/--no-flag switches
+        if not isinstance(value, bool):
+            parser.error(f"{source}: {action.dest} must be true or false, got {value!r}")
+        return value
+    if action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError):
+            parser.error(f"{source}: invalid value {value!r} for {action.dest} ({flag} expects {action.type.__name__})")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        parser.error(f"{source}: invalid value {value!r} for {action.dest}; expected one of {choices}")
+    return value
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -182,34 +213,63 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             values = yaml.safe_load(handle) or {}
         if not isinstance(values, dict):
             parser.error(f"{config_path} must contain a mapping of flag names to values")
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - valid)
+        actions = {action.dest: action for action in parser._actions if action.option_strings}
+        unknown = sorted(set(values) - set(actions) - {"help"})
         if unknown:
             parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**{key: _config_value(parser, actions[key], value, config_path)
+                               for key, value in values.items()})
     args = parser.parse_args(argv)
     validate_args(parser, args)
     return args
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values that would only fail later, naming the flag."""
     if not (args.do_train or args.do_eval):
         parser.error("nothing to do: pass --do_train and/or --do_eval")
-    if not 0.0 <= args.alpha <= 1.0:
-        parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
-    if args.feature_len < 1:
-        parser.error(f"--feature_len must be >= 1, got {args.feature_len}")
-    if args.max_words < 3:
-        parser.error(f"--max_words must be >= 3 (SOT, one token, EOT), got {args.max_words}")
     for name in ("data_path", "features_path", "features_path_retrain"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (set it in the config or on the command line)")
+    for name in ("alpha", "dual_mix", "text_aug_p", "warmup_proportion"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
+    positive = ("feature_len", "batch_size", "batch_size_val", "epochs", "eval_block_size", "sample_num",
+                "sinkhorn_iters", "lr", "ot_eps", "tau", "sinkhorn_tol", "dev_size", "dist_timeout")
+    for name in positive:
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("weight_decay", "max_grad_norm", "num_workers", "log_every", "dist_dropout"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.max_words < 3:
+        parser.error(f"--max_words must be >= 3 (SOT, one token, EOT), got {args.max_words}")
+    if args.pretrained_clip_name in (None, "none", "None", "") and args.max_words > args.context_length:
+        parser.error(f"--max_words {args.max_words} exceeds --context_length {args.context_length}, the rows of "
+                     "the text positional embedding")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed the generators from (seed, epoch, rank) at the start of an epoch.
+
+    Each rank draws its own Monte Carlo noise and dropout, and a run resumed at an epoch boundary
+    repeats the draws of an uninterrupted run.
+    """
+    seed_everything(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def _warn_on_changed_schedule(args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
+    saved = json.loads(checkpoint.get("config_json", "{}"))
+    for key in ("epochs", "batch_size", "lr", "warmup_proportion", "method", "seed"):
+        if key in saved and saved[key] != getattr(args, key):
+            logger.warning("--%s is %s but the checkpoint was trained with %s; the learning-rate schedule or the "
+                           "data order changes from here on", key, getattr(args, key), saved[key])
 
 
 def clip_config_from_args(args: argparse.Namespace) -> CLIPConfig:
@@ -228,7 +288,13 @@ def build_model(args: argparse.Namespace) -> RetrievalModel:
             )
         from modules.clip import read_checkpoint
 
-        config = config_from_state_dict(read_checkpoint(clip_path), feature_len=args.feature_len)
+        state = read_checkpoint(clip_path)
+        if not any(key.startswith("transformer.") for key in state) or any(key.startswith("clip.") for key in state):
+            raise ValueError(
+                f"{clip_path} is not an OpenAI CLIP file (no transformer.* weights). Pass a checkpoint of this "
+                "project with --init_model, and --pretrained_clip_name none or the path of ViT-B-32.pt"
+            )
+        config = config_from_state_dict(state, feature_len=args.feature_len)
     else:
         config = clip_config_from_args(args)
     model = RetrievalModel(
@@ -239,8 +305,7 @@ def build_model(args: argparse.Namespace) -> RetrievalModel:
         report = load_openai_weights(model.clip, clip_path)
         logger.info("loaded CLIP weights from %s: %d tensors", clip_path, len(report.loaded))
     if not args.train_text_embeddings:
-        frozen = freeze_text_embeddings(model)
-        logger.info("frozen parameters: %s", ", ".join(frozen))
+        freeze_text_embeddings(model)
     return model
 
 
@@ -261,9 +326,13 @@ class Data:
 
     def split(self, name: str) -> Split:
         if name not in self._splits:
-            self._splits[name] = load_split(
-                self.args.datatype, self.data_path, name, dev_size=self.args.dev_size, seed=self.args.seed
+            split = load_split(
+                self.args.datatype, self.data_path, name, dev_size=self.args.dev_size, seed=self.args.dev_seed
             )
+            if self.args.datatype == "h2s" and name in ("train", "dev") and not (self.data_path / "train.pkl").is_file():
+                # Records rebuilt from the realigned CSV include segments that were never cut into clips.
+                split.records = drop_videos_without_features(split.records, list(self.readers(split)))
+            self._splits[name] = split
         return self._splits[name]
 
     def readers(self, split: Split, train: bool = False) -> tuple[FeatureReader, FeatureReader]:
@@ -272,15 +341,34 @@ class Data:
             return agnostic, agnostic
         return agnostic, FeatureReader(self.aware_root, split.feature_subset)
 
+    def check_features(self, name: str, train: bool = False) -> None:
+        """Raise before any training if a feature file of split ``name`` is missing."""
+        split = self.split(name)
+        missing = [
+            str(reader.path(video.name))
+            for reader in dict.fromkeys(self.readers(split, train=train))
+            for record in split.records
+            for video in record.videos
+            if not reader.exists(video.name)
+        ]
+        if not missing:
+            return
+        total = split.num_videos * (1 if train and self.args.released_ph_aware_path else 2)
+        hint = ""
+        if name == "dev" and self.args.datatype == "ph":
+            hint = (" The PHOENIX-2014T dev videos need their own features under <features root>/dev; extract them "
+                    "or select on the test split with --select_on test.")
+        raise FileNotFoundError(
+            f"{len(missing)} of {total} feature files of the {name} split are missing, for example "
+            f"{', '.join(missing[:3])}. Check --features_path and --features_path_retrain "
+            f"(expected layout <root>/{split.feature_subset}/<video_name>.pkl).{hint}"
+        )
+
     def train_dataset(self) -> TrainDataset:
         split = self.split("train")
         agnostic, aware = self.readers(split, train=True)
-        records = split.records
-        if self.args.datatype == "h2s" and not (self.data_path / "train.pkl").is_file():
-            # Records rebuilt from the realigned CSV include segments that were never cut into clips.
-            records = drop_videos_without_features(records, [agnostic, aware])
         return TrainDataset(
-            records, agnostic, aware, self.tokenizer, alpha=self.args.alpha,
+            split.records, agnostic, aware, self.tokenizer, alpha=self.args.alpha,
             feature_len=self.args.feature_len, text_aug_p=self.args.text_aug_p, seed=self.args.seed,
         )
 
@@ -349,6 +437,10 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
         raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     local_batch = args.batch_size // world
 
+    data.check_features("train", train=True)
+    data.check_features(args.select_on)
+    if args.do_eval:
+        data.check_features(args.eval_split)
     train_set = data.train_dataset()
     sampler = DistributedSampler(train_set, num_replicas=world, rank=dist_info.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
@@ -378,7 +470,13 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
     history: list[dict[str, Any]] = []
     resume_path = output_dir / LAST_NAME if args.resume == "latest" else resolve_path(args.resume)
     if resume_path is not None:
+        if not resume_path.is_file():
+            raise FileNotFoundError(
+                f"nothing to resume: {resume_path} does not exist. Drop --resume to start a new run, or pass "
+                "--resume PATH/checkpoint_last.pt (--resume latest looks in --output_dir)."
+            )
         checkpoint = load_checkpoint(resume_path)
+        _warn_on_changed_schedule(args, checkpoint)
         core.load_state_dict(model_state_from(checkpoint))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -387,6 +485,9 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
         best_score, best_epoch = float(checkpoint["best_score"]), int(checkpoint["best_epoch"])
         history = json.loads(checkpoint.get("history_json", "[]"))
         logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch, global_step)
+        previous_best = resume_path.parent / BEST_NAME
+        if dist_info.is_main and previous_best.is_file() and previous_best.resolve() != (output_dir / BEST_NAME).resolve():
+            shutil.copy2(previous_best, output_dir / BEST_NAME)
 
     if dist_info.distributed:
         ddp_kwargs = {"device_ids": [dist_info.local_rank]} if dist_info.device.type == "cuda" else {}
@@ -404,6 +505,7 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
     sentence_ids = [record.sentence_id for record in train_set.records]
 
     for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, dist_info.rank)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         train_terms, global_step = train_one_epoch(
@@ -414,7 +516,7 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
         metrics = evaluate_on_main(args, core, data, args.select_on, dist_info)
         score = metrics["t2v"]["R1"]
         history.append({"epoch": epoch, "train": train_terms, args.select_on: metrics})
-        improved = score > best_score
+        improved = score >= best_score  # a tie goes to the later epoch, as in the released code
         if improved:
             best_score, best_epoch = score, epoch
         logger.info(
@@ -465,7 +567,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if args.init_model:
             load_model_weights(model, resolve_path(args.init_model))
             logger.info("initialised the model from %s", args.init_model)
+        elif args.do_eval and not args.do_train:
+            logger.warning("evaluating without --init_model: the heads (and the towers without a CLIP file) are "
+                           "randomly initialised; pass --init_model CHECKPOINT to evaluate a trained model")
 
+        if args.do_eval and not args.do_train:
+            data.check_features(args.eval_split)
         results: dict[str, Any] = {"method": args.method, "datatype": args.datatype, "config": vars(args)}
         if args.do_train:
             outcome = train(args, model, data, dist_info, output_dir)

@@ -107,7 +107,20 @@ class RetrievalLoss(nn.Module):
             {"loss": total differentiable loss, "loss/infonce", "logit_scale" (exp value), and for
             UPRet "loss/ot", "log_sigma/video", "log_sigma/text"}. Every entry except "loss" is
             detached. "loss/ot" is mean |w_ot * O| in ot_mode "logits" and the OT loss in ot_mode "loss".
+            The log-sigma means cover this process's items only.
         """
+        log_sigma_terms = {}
+        if self.method == "upret":
+            # Logged from this process's items only, so the token-sized log-sigma tensors are never gathered.
+            video_local, text_local = outputs["video"], outputs["text_aug"]
+            log_sigma_terms = {
+                "log_sigma/video": _masked_mean(video_local["log_sigma"].detach().float(), video_local["mask"]),
+                "log_sigma/text": _masked_mean(text_local["log_sigma"].detach().float(), text_local["mask"]),
+            }
+            outputs = {
+                key: {k: v for k, v in value.items() if k != "log_sigma"} if isinstance(value, dict) else value
+                for key, value in outputs.items()
+            }
         if self.gather is not None:
             outputs = self.gather(outputs)
         video, text, text_aug = outputs["video"], outputs["text"], outputs["text_aug"]
@@ -158,7 +171,6 @@ class RetrievalLoss(nn.Module):
             "loss": loss,
             "loss/infonce": infonce.detach(),
             "loss/ot": ot_log.detach(),
-            "log_sigma/video": _masked_mean(video["log_sigma"].detach().float(), video["mask"]),
-            "log_sigma/text": _masked_mean(text_aug["log_sigma"].detach().float(), text_aug["mask"]),
+            **log_sigma_terms,
             "logit_scale": scale.detach(),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from typing import Any, Iterable, Optional
 
@@ -65,7 +66,10 @@ def train_one_epoch(
     data_time = 0.0
     tick = time.time()
 
-    progress = tqdm(loader, total=num_steps, desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
+    # Redirected output gets a bar update every 30 s instead of one per step.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    progress = tqdm(loader, total=num_steps, desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False,
+                    mininterval=interval)
     for step, batch in enumerate(progress):
         data_time += time.time() - tick
         batch = _to_device(batch, dist_info.device)

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 logger = logging.getLogger("plot_runs")
 COLUMNS = ("R1", "R5", "R10", "MedR", "MnR")
@@ -55,6 +56,7 @@ def plot_r1(runs: dict[str, dict[str, Any]], out: Path, chance: Optional[float] 
             axis.axhline(chance, color="grey", linestyle="--", label=f"chance ({chance:.2f}%)")
         axis.set_title(f"{direction.upper()} R@1 on {split}")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("R@1 (%)")
     axes[0].legend()

@@ -27,12 +27,10 @@ def _deterministic_noise(shape, like, generator=None):
 
 
 def _build(method: str):
-    import modules.heads
     from modules.clip import CLIPConfig
     from modules.criterion import RetrievalLoss
     from modules.model import RetrievalModel
 
-    modules.heads.gaussian_noise = _deterministic_noise
     torch.manual_seed(0)
     config = CLIPConfig(
         embed_dim=16, vocab_size=49408, context_length=8, text_width=16, text_layers=1, text_heads=2,
@@ -74,6 +72,9 @@ def _worker(rank: int, world_size: int, port: int, method: str, out_path: str) -
     torch.set_num_threads(1)
     from modules import distributed as du
 
+    import modules.heads
+
+    modules.heads.gaussian_noise = _deterministic_noise  # this process exits after the test
     info = du.init_distributed(device="cpu", timeout_s=120)
     try:
         model, loss_cls = _build(method)
@@ -90,8 +91,10 @@ def _worker(rank: int, world_size: int, port: int, method: str, out_path: str) -
 
 
 @pytest.mark.parametrize("method", ["upret", "cico"])
-def test_two_gloo_ranks_match_one_process(method, tmp_path):
-    sys.path.insert(0, str(REPO_ROOT))
+def test_two_gloo_ranks_match_one_process(method, tmp_path, monkeypatch):
+    import modules.heads
+
+    monkeypatch.setattr(modules.heads, "gaussian_noise", _deterministic_noise)
     model, loss_cls = _build(method)
     reference_loss, reference_grads = _loss_and_grads(model, loss_cls(method=method), _global_batch())
 

@@ -1,13 +1,16 @@
 """End-to-end runs of CLCL/main_task_retrieval.py on a tiny demo corpus, in one and in two processes."""
 
-import importlib.util
+import importlib
 import json
+import shutil
 import os
+import pickle
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,18 +23,17 @@ TINY_MODEL = [
 ]
 
 
-def _load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+def _import_from(folder: Path, name: str):
+    # A plain import, so that other test files importing the same script share one module object.
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    generator = _load_module("make_surrogate_features", REPO_ROOT / "scripts" / "make_surrogate_features.py")
+    generator = _import_from(REPO_ROOT / "scripts", "make_surrogate_features")
     generator.main([
         "demo", "--out", str(root), "--train_sentences", "32", "--dev_sentences", "12",
         "--test_sentences", "12", "--min_frames", "10", "--max_frames", "40",
@@ -41,7 +43,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def driver():
-    return _load_module("main_task_retrieval", DRIVER)
+    return _import_from(REPO_ROOT / "CLCL", "main_task_retrieval")
 
 
 def _data_args(corpus: Path, output_dir: Path) -> list[str]:
@@ -175,3 +177,98 @@ def test_batch_not_divisible_by_processes_rejected(driver, corpus, tmp_path, mon
     model = driver.build_model(args)
     with pytest.raises(ValueError, match="not divisible"):
         driver.train(args, model, data, DistInfo(world_size=2), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("select_on: validation", "invalid value 'validation' for select_on"),
+        ("masked_softmax: 'no'", "masked_softmax must be true or false"),
+        ("epochs: many", "invalid value 'many' for epochs"),
+    ],
+)
+def test_invalid_config_values_rejected(driver, tmp_path, capsys, line, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"datatype: demo\n{line}\n")
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--config", str(config), "--do_train"])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--eval_block_size", "0"), ("--ot_eps", "0"), ("--epochs", "0")])
+def test_non_positive_flags_rejected(driver, corpus, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        driver.parse_args(_data_args(corpus, tmp_path) + ["--do_train", flag, value])
+    assert f"{flag} must be positive" in capsys.readouterr().err
+
+
+def test_missing_feature_file_fails_before_training(driver, corpus, tmp_path):
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    victim = sorted((copy / "features" / "domain_aware" / "train").glob("*.pkl"))[0]
+    victim.unlink()
+    output_dir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="1 of .* feature files of the train split are missing") as error:
+        driver.main(_data_args(copy, output_dir) + ["--do_train", "--epochs", "1", "--batch_size", "8"])
+    assert victim.name in str(error.value)
+    assert not (output_dir / "checkpoint_last.pt").exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resumed_run_matches_uninterrupted_run(driver, corpus, tmp_path, monkeypatch):
+    straight = driver.main(_data_args(corpus, tmp_path / "straight") + ["--do_train", "--batch_size", "8", "--epochs", "2"])
+
+    # Crash right after the first epoch's checkpoint, then resume.
+    real_save = driver.save_checkpoint
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        if path.name == "checkpoint_last.pt":
+            raise _Crash()
+
+    split_args = _data_args(corpus, tmp_path / "split") + ["--do_train", "--batch_size", "8", "--epochs", "2"]
+    monkeypatch.setattr(driver, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        driver.main(split_args)
+    monkeypatch.setattr(driver, "save_checkpoint", real_save)
+    resumed = driver.main(split_args + ["--resume", "latest"])
+
+    expected = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)["model"]
+    actual = torch.load(tmp_path / "split" / "checkpoint_last.pt", weights_only=True)["model"]
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    for direction in ("t2v", "v2t"):
+        assert resumed["history"][-1]["dev"][direction] == straight["history"][-1]["dev"][direction]
+
+
+def test_how2sign_csv_splits_drop_unextracted_segments(driver, tmp_path):
+    data_path = tmp_path / "data_h2"
+    data_path.mkdir()
+    header = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE\n"
+    rows = [f"vid{i}\tvid{i}-1-rgb_front\tvid{i}_0\tvid{i}_0-1-rgb_front\t1.0\t3.0\tsentence number {i}\n"
+            for i in range(10)]
+    (data_path / "how2sign_realigned_train.csv").write_text(header + "".join(rows))
+    extracted = [f"vid{i}-1-rgb_front_clip0" for i in range(10) if i not in (3, 7)]
+    for stream in ("agnostic", "aware"):
+        folder = tmp_path / stream / "train"
+        folder.mkdir(parents=True)
+        for name in extracted:
+            with open(folder / f"{name}.pkl", "wb") as handle:
+                pickle.dump({"feature": np.ones((4, 1024), dtype=np.float32)}, handle)
+
+    args = driver.parse_args([
+        "--do_train", "--datatype", "h2s", "--data_path", str(data_path), "--dev_size", "3",
+        "--features_path", str(tmp_path / "agnostic"), "--features_path_retrain", str(tmp_path / "aware"),
+        "--output_dir", str(tmp_path / "run"),
+    ])
+    data = driver.Data(args)
+    train, dev = data.split("train"), data.split("dev")
+
+    kept = {video.name for split in (train, dev) for record in split.records for video in record.videos}
+    assert kept == set(extracted)
+    assert len(dev.records) + len(train.records) == 8
+    data.check_features("train", train=True)
+    data.check_features("dev")

@@ -1,6 +1,5 @@
-"""Tests for modules.metrics: hand-computed ranks, a slow loop reference, input errors and speed."""
+"""Tests for modules.metrics: hand-computed ranks, a slow loop reference and input errors."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -260,21 +259,19 @@ def test_unknown_gallery_raises():
         retrieval_metrics(BASIC_SIM, BASIC_MAP, t2v_gallery="sentences")
 
 
-# Speed and formatting.
-def test_full_size_matrix_is_fast():
+# Full size and formatting. Speed belongs in benchmarks, not in tests.
+def test_full_size_matrix_counts():
     # The How2Sign test split: 2,348 videos of 1,969 sentences.
     rng = np.random.default_rng(0)
     mapping = np.sort(np.concatenate([np.arange(1969), rng.integers(0, 1969, 2348 - 1969)]))
     sim = rng.normal(size=(2348, 1969)).astype(np.float32)
-    start = time.process_time()
+    sim[np.arange(2348), mapping] += 10.0
     for gallery in ("groups", "videos"):
         metrics = retrieval_metrics(sim, mapping, t2v_gallery=gallery)
-    elapsed = time.process_time() - start
-    assert metrics["t2v"]["num_queries"] == 1969
-    assert metrics["v2t"]["num_queries"] == 2348
-    # CPU time of this process excludes other jobs on a shared machine. Two full evaluations took about
-    # 0.1 s on one core of the development machine.
-    assert elapsed < 1.0
+        assert metrics["t2v"]["num_queries"] == 1969
+        assert metrics["v2t"]["num_queries"] == 2348
+        assert metrics["t2v"]["R1"] == 100.0
+        assert metrics["v2t"]["R1"] == 100.0
 
 
 def test_format_metrics_table():

@@ -1,6 +1,6 @@
 """scripts/plot_runs.py: the Markdown table and the R@1 plot from run folders."""
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -11,11 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("plot_runs", REPO_ROOT / "scripts" / "plot_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plot_runs"] = module
-    spec.loader.exec_module(module)
-    return module
+    scripts = str(REPO_ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("plot_runs")
 
 
 def _metrics(r1: float) -> dict:
