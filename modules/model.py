@@ -29,6 +29,11 @@ METHODS = ("upret", "cico")
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
+def _full_precision(like: torch.Tensor) -> torch.autocast:
+    """Disable autocast: the heads run in fp32 after the encoders, as in the released code."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class RetrievalModel(nn.Module):
     """CLIP text tower and feature transformer with UPRet's token-weight and distribution heads.
 
@@ -95,12 +100,13 @@ class RetrievalModel(nn.Module):
             out["weights"] = uniform_weights(mask)
             return out
 
-        out["weights"] = self.video_weight_fc(tokens, mask)
-        if with_distribution:
-            mu, log_sigma = self.video_dist_head(tokens)
-            samples = sample_gaussian(mu, log_sigma, self.sample_num)  # [B, K, 1 + L, D]
-            out["samples"] = pool_samples(samples, mask)  # [B, K, D]
-            out["log_sigma"] = log_sigma
+        with _full_precision(tokens):
+            out["weights"] = self.video_weight_fc(tokens, mask)
+            if with_distribution:
+                mu, log_sigma = self.video_dist_head(tokens)
+                samples = sample_gaussian(mu, log_sigma, self.sample_num)  # [B, K, 1 + L, D]
+                out["samples"] = pool_samples(samples, mask)  # [B, K, D]
+                out["log_sigma"] = log_sigma
         return out
 
     def encode_text(self, text_ids: torch.Tensor, with_distribution: bool = False) -> dict[str, torch.Tensor]:
@@ -122,12 +128,13 @@ class RetrievalModel(nn.Module):
             out["weights"] = uniform_weights(mask)
             return out
 
-        out["weights"] = self.text_weight_fc(tokens, mask)
-        if with_distribution:
-            mu, log_sigma = self.text_dist_head(tokens)
-            samples = sample_gaussian(mu, log_sigma, self.sample_num)  # [B, K, Lt, D]
-            out["samples"] = pool_samples(samples, text_pool_mask(mask))  # [B, K, D]
-            out["log_sigma"] = log_sigma
+        with _full_precision(tokens):
+            out["weights"] = self.text_weight_fc(tokens, mask)
+            if with_distribution:
+                mu, log_sigma = self.text_dist_head(tokens)
+                samples = sample_gaussian(mu, log_sigma, self.sample_num)  # [B, K, Lt, D]
+                out["samples"] = pool_samples(samples, text_pool_mask(mask))  # [B, K, D]
+                out["log_sigma"] = log_sigma
         return out
 
     def forward(
