@@ -69,6 +69,8 @@ CLIP_FLAGS = {
     "video_layers": "layers of the feature transformer",
     "video_heads": "attention heads of the feature transformer",
 }
+CLIP_FLAGS = {key: f"{text} (read from the file when --pretrained_clip_name is given)"
+              for key, text in CLIP_FLAGS.items()}
 CLIP_KEYS = tuple(CLIP_FLAGS)
 
 
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight_decay", type=float, default=1e-3, help="decoupled weight decay")
     optim.add_argument("--warmup_proportion", type=float, default=0.1, help="linear warm-up share of all steps")
     optim.add_argument("--optimizer", choices=("bertadam", "adamw"), default="bertadam",
-                       help="bertadam: the released Adam without bias correction and per-tensor clipping")
+                       help="bertadam: the released Adam, without bias correction and with per-tensor gradient clipping")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="global gradient-norm clip (0 disables)")
     optim.add_argument("--train_text_embeddings", action=bool_flag, default=False,
                        help="train the text token and positional embeddings (frozen in the released runs)")
@@ -188,6 +190,10 @@ def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         if not isinstance(value, bool):
             parser.error(f"{source}: {action.dest} must be true or false, got {value!r}")
         return value
+    if action.type in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        parser.error(f"{source}: invalid value {value!r} for {action.dest} ({flag} expects a number)")
+    if action.type is int and isinstance(value, float) and not value.is_integer():
+        parser.error(f"{source}: invalid value {value!r} for {action.dest} ({flag} expects a whole number)")
     if action.type is not None:
         try:
             value = action.type(value)
@@ -231,9 +237,15 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for name in ("data_path", "features_path", "features_path_retrain"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (set it in the config or on the command line)")
-    for name in ("alpha", "dual_mix", "text_aug_p", "warmup_proportion"):
+
+    # Ranges.
+    for name in ("alpha", "dual_mix", "text_aug_p"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        parser.error(f"--warmup_proportion must lie in [0, 1), got {args.warmup_proportion}")
+    if args.seed < 0 or args.dev_seed < 0:
+        parser.error(f"--seed and --dev_seed must not be negative, got {args.seed} and {args.dev_seed}")
     positive = ("feature_len", "batch_size", "batch_size_val", "epochs", "eval_block_size", "sample_num",
                 "sinkhorn_iters", "lr", "ot_eps", "tau", "sinkhorn_tol", "dev_size", "dist_timeout")
     for name in positive:
@@ -244,6 +256,17 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_words < 3:
         parser.error(f"--max_words must be >= 3 (SOT, one token, EOT), got {args.max_words}")
+
+    # Combinations.
+    if args.method == "upret" and args.sample_num < 2:
+        parser.error(f"--sample_num must be >= 2 for UPRet, got {args.sample_num}: the first sample is the mean "
+                     "itself, so with one sample the log-sigma heads get no gradient")
+    if args.resume and not args.do_train:
+        parser.error("--resume continues training and needs --do_train; to evaluate a checkpoint use --init_model")
+    if args.released_ph_aware_path and args.datatype != "ph":
+        parser.error("--released_ph_aware_path reproduces a PHOENIX-2014T loader quirk; use it with --datatype ph")
+    if args.method == "upret" and (args.embed_dim % 2 or args.embed_dim % args.dist_heads):
+        parser.error(f"--embed_dim {args.embed_dim} must be even and divisible by --dist_heads {args.dist_heads}")
     if args.pretrained_clip_name in (None, "none", "None", "") and args.max_words > args.context_length:
         parser.error(f"--max_words {args.max_words} exceeds --context_length {args.context_length}, the rows of "
                      "the text positional embedding")
@@ -306,6 +329,9 @@ def build_model(args: argparse.Namespace) -> RetrievalModel:
         logger.info("loaded CLIP weights from %s: %d tensors", clip_path, len(report.loaded))
     if not args.train_text_embeddings:
         freeze_text_embeddings(model)
+        if clip_path is None:
+            logger.warning("the text token and positional embeddings are random and frozen; pass "
+                           "--train_text_embeddings when training without a CLIP file")
     return model
 
 
@@ -320,7 +346,8 @@ class Data:
         for flag, path in (("--data_path", self.data_path), ("--features_path", self.agnostic_root),
                            ("--features_path_retrain", self.aware_root)):
             if not path.is_dir():
-                raise FileNotFoundError(f"{flag} folder not found: {path}")
+                raise FileNotFoundError(f"{flag} folder not found: {path}. See 'Data layout' in README.md for where "
+                                        "the annotation and feature files go.")
         self.tokenizer = ClipTokenizer(max_words=args.max_words)
         self._splits: dict[str, Split] = {}
 
@@ -336,14 +363,18 @@ class Data:
         return self._splits[name]
 
     def readers(self, split: Split, train: bool = False) -> tuple[FeatureReader, FeatureReader]:
-        agnostic = FeatureReader(self.agnostic_root, split.feature_subset)
+        channels = self.args.video_input_dim
+        agnostic = FeatureReader(self.agnostic_root, split.feature_subset, channels=channels)
         if train and self.args.datatype == "ph" and self.args.released_ph_aware_path:
             return agnostic, agnostic
-        return agnostic, FeatureReader(self.aware_root, split.feature_subset)
+        return agnostic, FeatureReader(self.aware_root, split.feature_subset, channels=channels)
 
     def check_features(self, name: str, train: bool = False) -> None:
         """Raise before any training if a feature file of split ``name`` is missing."""
         split = self.split(name)
+        if split.num_videos == 0:
+            raise ValueError(f"the {name} split of {self.data_path} has no videos with features; check the "
+                             f"annotation files and <features root>/{split.feature_subset}")
         missing = [
             str(reader.path(video.name))
             for reader in dict.fromkeys(self.readers(split, train=train))
@@ -434,7 +465,8 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
     """Train for ``args.epochs`` epochs, evaluating and checkpointing after each one."""
     world = dist_info.world_size
     if args.batch_size % world != 0:
-        raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
+        raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {world} processes; use a multiple "
+                         f"of {world} (it is the global batch, split evenly over the processes)")
     local_batch = args.batch_size // world
 
     data.check_features("train", train=True)
@@ -558,8 +590,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     start = time.time()
     try:
         logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True, default=str))
+        # An evaluation-only run must not overwrite the files of the training run in the same folder.
+        prefix = "" if args.do_train else f"eval_{args.eval_split}_"
         if dist_info.is_main:
-            with open(output_dir / "config.yaml", "w", encoding="utf-8") as handle:
+            with open(output_dir / f"{prefix}config.yaml", "w", encoding="utf-8") as handle:
                 yaml.safe_dump(vars(args), handle, sort_keys=True)
 
         data = Data(args)
@@ -593,8 +627,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             results["eval"] = evaluate_on_main(args, model, data, args.eval_split, dist_info)
         results["wall_time_s"] = time.time() - start
         if dist_info.is_main:
-            write_json(output_dir / "results.json", results)
-            logger.info("results written to %s (%.1f s)", output_dir / "results.json", results["wall_time_s"])
+            results_path = output_dir / ("results.json" if args.do_train else f"eval_{args.eval_split}.json")
+            write_json(results_path, results)
+            logger.info("results written to %s (%.1f s)", results_path, results["wall_time_s"])
         return results
     finally:
         du.cleanup_distributed()

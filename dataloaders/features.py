@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -16,9 +16,10 @@ import numpy as np
 class FeatureReader:
     """Reader of the feature files of one stream (domain-agnostic or domain-aware) in one subset folder."""
 
-    def __init__(self, root: Union[str, Path], subset: str) -> None:
+    def __init__(self, root: Union[str, Path], subset: str, channels: Optional[int] = None) -> None:
         self.root = Path(root)
         self.subset = subset
+        self.channels = channels  # expected width of one clip feature; None accepts any
 
     def __repr__(self) -> str:
         return f"FeatureReader(root={str(self.root)!r}, subset={self.subset!r})"
@@ -44,14 +45,20 @@ class FeatureReader:
             )
         # NOTE: plain pickle.load runs arbitrary code from the file, so only trusted feature files are
         # safe to read until a restricted unpickler replaces this call.
-        with path.open("rb") as handle:
-            content = pickle.load(handle)
+        try:
+            with path.open("rb") as handle:
+                content = pickle.load(handle)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable feature pickle ({error}); copy or extract it again") from error
         if not isinstance(content, dict) or "feature" not in content:
             raise ValueError(f"{path}: expected a dict with a 'feature' array")
 
         features = np.asarray(content["feature"], dtype=np.float32)
         if features.ndim != 2 or features.shape[0] == 0:
             raise ValueError(f"{path}: 'feature' must have shape [num_clips >= 1, channels], got {features.shape}")
+        if self.channels is not None and features.shape[1] != self.channels:
+            raise ValueError(f"{path}: clip features are {features.shape[1]}-d, expected {self.channels} "
+                             "(--video_input_dim)")
         return features
 
 

@@ -40,14 +40,18 @@ def drop_videos_without_features(
             kept.append(SentenceRecord(sentence_id=record.sentence_id, text=record.text, videos=videos))
     if num_dropped_videos:
         logger.warning("dropped %d videos without feature files in %s; %d of %d sentences remain",
-                       num_dropped_videos, list(readers), len(kept), len(records))
+                       num_dropped_videos, ", ".join(str(reader.path("<video_name>")) for reader in readers), len(kept),
+                       len(records))
     return kept
 
 
 def _load_fused(video: VideoRecord, agnostic: FeatureReader, aware: FeatureReader, alpha: float,
                 feature_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Load, fuse and resample one video; return video [feature_len, C] float32 and mask [1 + feature_len] long."""
-    fused = fuse_streams(agnostic.load(video.name), aware.load(video.name), alpha)
+    try:
+        fused = fuse_streams(agnostic.load(video.name), aware.load(video.name), alpha)
+    except ValueError as error:
+        raise ValueError(f"video {video.name}: {error}") from error
     frames, mask = sample_clips(fused, feature_len)
     return torch.from_numpy(frames), torch.from_numpy(mask)
 

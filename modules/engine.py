@@ -97,7 +97,7 @@ def train_one_epoch(
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         if dist_info.is_main:
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
             if log_every and (step + 1) % log_every == 0:
                 elapsed = time.time() - start
                 samples = (step + 1) * batch["video"].shape[0] * dist_info.world_size

@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-python="$root/.venv/bin/python"
+python="${UPRET_VENV:-$root/.venv}/bin/python"
 if [[ ! -f data/demo/annotations/test.pkl ]]; then
   "$python" scripts/make_surrogate_features.py demo --out data/demo
 fi

@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-exec "$root/.venv/bin/python" -m pytest tests -q "$@"
+exec "${UPRET_VENV:-$root/.venv}/bin/python" -m pytest tests -q "$@"

@@ -127,6 +127,17 @@ def test_eval_only_from_checkpoint(driver, corpus, tmp_path):
     assert results["eval_split"] == "test"
     assert "selection" not in results
     assert results["eval"]["v2t"]["num_queries"] > 0
+    assert (eval_dir / "eval_test.json").is_file()
+    assert not (eval_dir / "results.json").exists()
+
+
+def test_eval_only_keeps_training_results(driver, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    driver.main(_data_args(corpus, run_dir) + ["--do_train", "--epochs", "1", "--batch_size", "8"])
+    before = (run_dir / "results.json").read_text()
+    driver.main(_data_args(corpus, run_dir) + ["--do_eval", "--init_model", str(run_dir / "checkpoint_best.pt")])
+    assert (run_dir / "results.json").read_text() == before
+    assert json.loads((run_dir / "eval_test.json").read_text())["eval_split"] == "test"
 
 
 def test_run_from_inside_clcl_folder(corpus, tmp_path):
@@ -272,3 +283,37 @@ def test_how2sign_csv_splits_drop_unextracted_segments(driver, tmp_path):
     assert len(dev.records) + len(train.records) == 8
     data.check_features("train", train=True)
     data.check_features("dev")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sample_num", "1"], "--sample_num must be >= 2 for UPRet"),
+        (["--resume", "latest"], "--resume continues training and needs --do_train"),
+        (["--warmup_proportion", "1"], "--warmup_proportion must lie in [0, 1)"),
+        (["--dist_heads", "3"], "must be even and divisible by --dist_heads 3"),
+        (["--released_ph_aware_path"], "use it with --datatype ph"),
+    ],
+)
+def test_inconsistent_flags_rejected(driver, corpus, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        driver.parse_args(_data_args(corpus, tmp_path) + ["--do_eval"] + extra)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["true", "1.5"])
+def test_config_number_types_checked(driver, tmp_path, capsys, value):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"datatype: demo\nseed: {value}\n")
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--config", str(config), "--do_train"])
+    assert "for seed" in capsys.readouterr().err
+
+
+def test_empty_selection_split_fails_before_training(driver, corpus, tmp_path):
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    with open(copy / "annotations" / "dev.pkl", "wb") as handle:
+        pickle.dump({}, handle)
+    with pytest.raises(ValueError, match="the dev split .* has no videos"):
+        driver.main(_data_args(copy, tmp_path / "run") + ["--do_train", "--epochs", "1", "--batch_size", "8"])

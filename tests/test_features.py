@@ -100,3 +100,21 @@ def test_sample_clips_uniform_rows(num_clips: int, expected_rows: list[int]) -> 
 def test_sample_clips_rejects_empty() -> None:
     with pytest.raises(ValueError, match="num_clips"):
         sample_clips(np.zeros((0, 3), dtype=np.float32), feature_len=4)
+
+
+def test_truncated_pickle_names_the_file(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "broken.pkl").write_bytes(pickle.dumps({"feature": np.ones((3, 4), dtype=np.float32)})[:20])
+    with pytest.raises(ValueError, match="broken.pkl: not a readable feature pickle"):
+        FeatureReader(tmp_path, "train").load("broken")
+
+
+def test_wrong_channel_count_rejected(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    with open(folder / "narrow.pkl", "wb") as handle:
+        pickle.dump({"feature": np.ones((3, 512), dtype=np.float32)}, handle)
+    with pytest.raises(ValueError, match="512-d, expected 1024"):
+        FeatureReader(tmp_path, "train", channels=1024).load("narrow")
+    assert FeatureReader(tmp_path, "train").load("narrow").shape == (3, 512)
