@@ -517,6 +517,9 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
         best_score, best_epoch = float(checkpoint["best_score"]), int(checkpoint["best_epoch"])
         history = json.loads(checkpoint.get("history_json", "[]"))
         logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch, global_step)
+        if start_epoch >= args.epochs:
+            logger.warning("the checkpoint has already finished %d epochs, so there is nothing to train; raise "
+                           "--epochs to continue", start_epoch)
         previous_best = resume_path.parent / BEST_NAME
         if dist_info.is_main and previous_best.is_file() and previous_best.resolve() != (output_dir / BEST_NAME).resolve():
             shutil.copy2(previous_best, output_dir / BEST_NAME)
