@@ -18,3 +18,7 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder not found: {SHARED_DATA} (set UPRET_SHARED_DATA)")
     return SHARED_DATA
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))

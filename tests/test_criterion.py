@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loop_reference import dot, softmax_average, unit
 from modules.criterion import RetrievalLoss, info_nce
 from modules.heads import (
     DistributionHead,
@@ -24,22 +25,6 @@ LOG_100 = math.log(100.0)
 # Loop references, independent of the vectorised code.
 
 
-def _unit(vector: torch.Tensor) -> List[float]:
-    values = [float(x) for x in vector]
-    norm = math.sqrt(sum(x * x for x in values))
-    return [x / norm for x in values]
-
-
-def _dot(u: List[float], v: List[float]) -> float:
-    return sum(x * y for x, y in zip(u, v))
-
-
-def _softmax_average(scores: List[float], tau: float) -> float:
-    top = max(scores)
-    exps = [math.exp((s - top) / tau) for s in scores]
-    return sum(e * s for e, s in zip(exps, scores)) / sum(exps)
-
-
 def loop_i2t(video, video_weights, text, text_mask: Optional[torch.Tensor] = None) -> List[List[float]]:
     out = []
     for a in range(video.shape[0]):
@@ -48,8 +33,8 @@ def loop_i2t(video, video_weights, text, text_mask: Optional[torch.Tensor] = Non
             words = [j for j in range(text.shape[1]) if text_mask is None or text_mask[b, j]]
             total = 0.0
             for i in range(video.shape[1]):
-                scores = [_dot(_unit(video[a, i]), _unit(text[b, j])) for j in words]
-                total += float(video_weights[a, i]) * _softmax_average(scores, TAU)
+                scores = [dot(unit(video[a, i]), unit(text[b, j])) for j in words]
+                total += float(video_weights[a, i]) * softmax_average(scores, TAU)
             row.append(total)
         out.append(row)
     return out
@@ -63,8 +48,8 @@ def loop_t2i(video, text, text_weights, video_mask: Optional[torch.Tensor] = Non
             clips = [i for i in range(video.shape[1]) if video_mask is None or video_mask[a, i]]
             total = 0.0
             for j in range(text.shape[1]):
-                scores = [_dot(_unit(video[a, i]), _unit(text[b, j])) for i in clips]
-                total += float(text_weights[b, j]) * _softmax_average(scores, TAU)
+                scores = [dot(unit(video[a, i]), unit(text[b, j])) for i in clips]
+                total += float(text_weights[b, j]) * softmax_average(scores, TAU)
             row.append(total)
         out.append(row)
     return out

@@ -1,31 +1,14 @@
 """Tests of modules.similarity against explicit loops over videos, texts, clips and words."""
 import math
-from typing import List, Optional
+from typing import Optional
 
 import pytest
 import torch
 
+from loop_reference import dot, softmax_average, unit
 from modules.similarity import i2t_similarity, inference_score, t2i_similarity
 
 TAU = 0.07
-
-
-def _unit(vector: torch.Tensor) -> List[float]:
-    values = [float(x) for x in vector]
-    norm = math.sqrt(sum(x * x for x in values))
-    return [x / norm for x in values]
-
-
-def _dot(u: List[float], v: List[float]) -> float:
-    return sum(x * y for x, y in zip(u, v))
-
-
-def _softmax_average(scores: List[float], tau: float) -> float:
-    """sum_j softmax_j(scores / tau) * scores_j with plain floats."""
-    top = max(scores)
-    exps = [math.exp((s - top) / tau) for s in scores]
-    total = sum(exps)
-    return sum(e / total * s for e, s in zip(exps, scores))
 
 
 def loop_i2t(video, video_weights, text, tau=TAU, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -37,9 +20,9 @@ def loop_i2t(video, video_weights, text, tau=TAU, text_mask: Optional[torch.Tens
             words = [j for j in range(num_words) if text_mask is None or text_mask[b, j]]
             total = 0.0
             for i in range(num_clips):
-                v = _unit(video[a, i])
-                scores = [_dot(v, _unit(text[b, j])) for j in words]
-                total += float(video_weights[a, i]) * _softmax_average(scores, tau)
+                v = unit(video[a, i])
+                scores = [dot(v, unit(text[b, j])) for j in words]
+                total += float(video_weights[a, i]) * softmax_average(scores, tau)
             out[a, b] = total
     return out
 
@@ -53,9 +36,9 @@ def loop_t2i(video, text, text_weights, tau=TAU, video_mask: Optional[torch.Tens
             clips = [i for i in range(num_clips) if video_mask is None or video_mask[a, i]]
             total = 0.0
             for j in range(num_words):
-                t = _unit(text[b, j])
-                scores = [_dot(_unit(video[a, i]), t) for i in clips]
-                total += float(text_weights[b, j]) * _softmax_average(scores, tau)
+                t = unit(text[b, j])
+                scores = [dot(unit(video[a, i]), t) for i in clips]
+                total += float(text_weights[b, j]) * softmax_average(scores, tau)
             out[a, b] = total
     return out
 
