@@ -31,18 +31,18 @@ def drop_videos_without_features(
     Records built from the realigned How2Sign CSV name every segment, including those that the
     feature extraction skipped (no person bounding box, or two frames or fewer).
     """
-    kept = []
+    kept_records = []
     num_dropped_videos = 0
     for record in records:
         videos = [video for video in record.videos if all(reader.exists(video.name) for reader in readers)]
         num_dropped_videos += len(record.videos) - len(videos)
         if videos:
-            kept.append(SentenceRecord(sentence_id=record.sentence_id, text=record.text, videos=videos))
+            kept_records.append(SentenceRecord(sentence_id=record.sentence_id, text=record.text, videos=videos))
     if num_dropped_videos:
+        layouts = ", ".join(str(reader.path("<video_name>")) for reader in readers)
         logger.warning("dropped %d videos without feature files in %s; %d of %d sentences remain",
-                       num_dropped_videos, ", ".join(str(reader.path("<video_name>")) for reader in readers), len(kept),
-                       len(records))
-    return kept
+                       num_dropped_videos, layouts, len(kept_records), len(records))
+    return kept_records
 
 
 def _load_fused(video: VideoRecord, agnostic: FeatureReader, aware: FeatureReader, alpha: float,

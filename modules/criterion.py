@@ -42,10 +42,10 @@ class RetrievalLoss(nn.Module):
     through O, and the Sinkhorn plan inside O carries none.
 
     Gradient convention: `forward` computes the loss of the whole global batch on every process.
-    When `gather` is an all-gather whose backward sums the gradients of all W processes and
-    returns the local slice (torch.distributed.nn.functional.all_gather does so), each local
-    feature receives W times its share of the global-batch gradient, and DDP's averaging over the
-    W processes divides that factor out again. Parameters used directly on the gathered tensors,
+    Suppose `gather` is an all-gather whose backward sums the gradients of all W processes and
+    returns the local slice, as `modules.distributed.gather_outputs` does. Then each local feature
+    receives W times its share of the global-batch gradient, and DDP's averaging over the W
+    processes divides that factor out again. Parameters used directly on the gathered tensors,
     such as the logit scale, get the same full gradient on every process, which averaging keeps.
     Either way, the parameter gradients equal those of one process computing the global batch.
 

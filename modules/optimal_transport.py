@@ -99,9 +99,9 @@ def sinkhorn(
 
     whose solution is P = diag(r) G diag(c) with the Gibbs kernel G = exp(-C / eps). The scalings
     follow the Sinkhorn iteration r <- a / (G c), c <- b / (G^T r), starting from r = c = 1. The
-    iteration runs on log r and log c with log-sum-exp, which reaches the same fixed point as the
-    plain iteration but does not underflow when eps is small (exp(-C / eps) underflows in float32
-    once C / eps exceeds about 100).
+    iteration runs in float64 on log r and log c with log-sum-exp. It reaches the same fixed point
+    as the plain iteration, but the kernel cannot underflow when eps is small (in float32,
+    exp(-C / eps) underflows once C / eps exceeds roughly 100).
 
     Stopping rule: after each update, the mean of |r - r_prev| over all entries of the whole batch
     (r in the ordinary, not the log, domain) is compared with `tol`. The loop stops once it is

@@ -278,8 +278,8 @@ def test_how2sign_csv_splits_drop_unextracted_segments(driver, tmp_path):
     data = driver.Data(args)
     train, dev = data.split("train"), data.split("dev")
 
-    kept = {video.name for split in (train, dev) for record in split.records for video in record.videos}
-    assert kept == set(extracted)
+    kept_names = {video.name for split in (train, dev) for record in split.records for video in record.videos}
+    assert kept_names == set(extracted)
     assert len(dev.records) + len(train.records) == 8
     data.check_features("train", train=True)
     data.check_features("dev")
