@@ -19,6 +19,8 @@ from typing import Optional, Union
 import numpy as np
 import pandas as pd
 
+from dataloaders.safe_pickle import UnsafePickleError, load_pickle
+
 logger = logging.getLogger(__name__)
 
 DATATYPES = ("h2s", "ph", "csl", "demo")
@@ -62,6 +64,7 @@ class Split:
     name: str
     records: list[SentenceRecord]
     feature_subset: str
+    source: str = ""  # the annotation file(s) the records came from, for error messages
 
     @property
     def num_videos(self) -> int:
@@ -93,15 +96,21 @@ def read_annotation_pickle(path: Union[str, Path]) -> list[SentenceRecord]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the structure is not one of the layouts, or an entry lacks 'text' or 'video_name'.
+        UnsafePickleError: the pickle names a global other than numpy arrays and builtin containers.
+        ValueError: the file is not a readable pickle, the structure is not one of the layouts, or an
+            entry lacks 'text' or 'video_name'.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    # NOTE: plain pickle.load runs arbitrary code from the file, so only published or self-made
-    # annotation files are safe to read until a restricted unpickler replaces this call.
-    with path.open("rb") as handle:
-        data = pickle.load(handle)
+    try:
+        data = load_pickle(path)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError, TypeError,
+            KeyError, OverflowError, MemoryError) as error:
+        raise ValueError(f"{path}: not a readable annotation pickle ({type(error).__name__}: {error}); the file is "
+                         "truncated or of another format, so copy it again") from error
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a dict keyed by sentence id or video name, got {type(data).__name__}")
 
@@ -262,6 +271,63 @@ def _load_phoenix(data_path: Path, split: str) -> Split:
     return Split("dev", dev, "dev")
 
 
+def _annotation_file(datatype: str, data_path: Path, split: str) -> Path:
+    """Return the file that the records of a split were read from."""
+    if datatype in ("ph", "demo") or split == "test":
+        return data_path / f"{split}.pkl"
+    if datatype == "h2s" and not (data_path / "train.pkl").is_file():
+        return data_path / "how2sign_realigned_train.csv"
+    return data_path / "train.pkl"
+
+
+@dataclass
+class InvalidItem:
+    """A sentence or video left out of a run (or that stops it), with the file and the reason.
+
+    ``video_name`` is None when the whole sentence is invalid (for example an empty text).
+    """
+
+    sentence_id: str
+    video_name: Optional[str]
+    path: str
+    reason: str
+
+    def describe(self) -> str:
+        target = f"sentence {self.sentence_id!r}" if self.video_name is None else (
+            f"video {self.video_name!r} (sentence {self.sentence_id!r})")
+        return f"{self.path}: {target}: {self.reason}"
+
+
+def find_invalid_records(records: list[SentenceRecord], source: str) -> list[InvalidItem]:
+    """List the sentences with an empty or whitespace-only text and the videos named twice.
+
+    A video listed under two sentences would count as the match of both, so every listing after
+    the first is invalid, as is a second listing of a video within one sentence.
+
+    Args:
+        records: the sentence records of one split.
+        source: the annotation file, named in each item.
+    """
+    invalid = []
+    first_sentence: dict[str, str] = {}
+    for record in records:
+        if not record.text.strip():
+            invalid.append(InvalidItem(record.sentence_id, None, source,
+                                       "empty or whitespace-only text; write its sentence or remove the entry"))
+            continue
+        for video in record.videos:
+            if not video.name.strip():
+                invalid.append(InvalidItem(record.sentence_id, video.name, source,
+                                           "empty video name; name its feature file or remove the entry"))
+            elif video.name in first_sentence:
+                invalid.append(InvalidItem(record.sentence_id, video.name, source,
+                                           f"duplicate video name, already listed under sentence "
+                                           f"{first_sentence[video.name]!r}; keep one of the two entries"))
+            else:
+                first_sentence[video.name] = record.sentence_id
+    return invalid
+
+
 def load_split(
     datatype: str,
     data_path: Union[str, Path],
@@ -310,6 +376,7 @@ def load_split(
         train, dev = split_dev_records(records, dev_size, seed)
         result = Split(split, train if split == "train" else dev, "train")
 
+    result.source = str(_annotation_file(datatype, data_path, split))
     logger.info("%s %s: %d sentences, %d videos (features from %r)",
                 datatype, split, len(result.records), result.num_videos, result.feature_subset)
     return result

@@ -1,4 +1,4 @@
-"""Process-group set-up, rank helpers and the cross-rank gather used by the loss.
+"""Process-group set-up, rank helpers, the cross-rank gather used by the loss and a resumable sampler.
 
 Nothing here touches ``torch.distributed`` at import time. :func:`init_distributed` supports
 ``torchrun`` (``LOCAL_RANK``/``RANK``/``WORLD_SIZE`` in the environment), the older
@@ -12,12 +12,24 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 logger = logging.getLogger(__name__)
+
+# Default process-group timeouts in seconds. A collective that waits longer raises, so a rank that
+# hangs ends the job instead of blocking it forever. gloo runs on CPUs, where every rank starts its
+# first step at about the same time. NCCL runs get longer because the first step can include minutes
+# of torch.compile work that differ from rank to rank.
+DEFAULT_TIMEOUT_S = {"gloo": 300.0, "nccl": 1800.0}
+# Ranks that wait while rank 0 alone evaluates or writes a checkpoint wait in a separate gloo group
+# with this timeout, so a long evaluation does not trip the training timeout.
+DEFAULT_WAIT_TIMEOUT_S = 7200.0
+
+_wait_group: Optional[Any] = None
 
 
 @dataclass
@@ -47,7 +59,8 @@ def _env_int(name: str) -> Optional[int]:
 def init_distributed(
     local_rank: Optional[int] = None,
     device: str = "auto",
-    timeout_s: float = 1800.0,
+    timeout_s: Optional[float] = None,
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
 ) -> DistInfo:
     """Initialise the default process group when a launcher started this process.
 
@@ -55,7 +68,10 @@ def init_distributed(
         local_rank: the value of ``--local_rank`` passed by ``torch.distributed.launch``; the
             ``LOCAL_RANK`` environment variable (torchrun) takes precedence.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cuda"`` or ``"cpu"``.
-        timeout_s: process-group timeout in seconds; a collective that waits longer raises.
+        timeout_s: process-group timeout in seconds; a collective that waits longer raises. None
+            selects :data:`DEFAULT_TIMEOUT_S` of the backend.
+        wait_timeout_s: timeout in seconds of :func:`wait_for_main`, :func:`broadcast_object` and
+            :func:`all_gather_object`, the calls in which ranks wait for work done by rank 0 alone.
 
     Returns:
         The :class:`DistInfo` of this process. Without ``WORLD_SIZE`` > 1 in the environment no
@@ -86,6 +102,8 @@ def init_distributed(
             "or python -m torch.distributed.launch"
         )
     backend = "nccl" if use_cuda else "gloo"
+    if timeout_s is None:
+        timeout_s = DEFAULT_TIMEOUT_S[backend]
     dist.init_process_group(
         backend=backend,
         init_method="env://",
@@ -93,11 +111,17 @@ def init_distributed(
         rank=rank,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    global _wait_group
+    _wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_timeout_s))
+    logger.info("process group: %s, rank %d of %d, timeout %.0f s (waits for rank 0: %.0f s)", backend, rank,
+                world_size, timeout_s, wait_timeout_s)
     return DistInfo(rank, local_rank, world_size, torch_device, backend)
 
 
 def cleanup_distributed() -> None:
     """Destroy the default process group if one exists."""
+    global _wait_group
+    _wait_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -119,13 +143,66 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wait_for_main() -> None:
+    """Block every rank until all arrive, with the long timeout of the waiting group.
+
+    Call it after work that rank 0 does alone (writing a checkpoint), so that the other ranks do not
+    hit the training timeout in their next collective while rank 0 is still busy.
+    """
+    if get_world_size() > 1:
+        dist.barrier(group=_wait_group)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Return ``obj`` from rank ``src`` on every rank (a no-op in a single process)."""
+    """Return ``obj`` from rank ``src`` on every rank (a no-op in a single process).
+
+    The broadcast runs in the gloo group with the long wait timeout, because it carries results
+    that rank ``src`` computes alone (an evaluation, a check of the feature files) while the other
+    ranks wait. A rank that dies still ends the wait at once, because gloo reports the closed
+    connection. Only a rank that hangs is detected as late as the wait timeout.
+    """
     if get_world_size() == 1:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=_wait_group)
     return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Return the list of ``obj`` from every rank, indexed by rank (``[obj]`` in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj, group=_wait_group)
+    return gathered
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """A :class:`DistributedSampler` that can start an epoch after its first ``N`` batches.
+
+    Rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the epoch's permutation, so the first
+    ``k`` local batches of every rank together cover the first ``k * B`` positions (``B`` the global
+    batch), whatever ``W`` is. Skipping ``k * B / W`` indices on each rank therefore resumes at
+    global batch ``k``, and every rank keeps the same number of remaining indices. The skipped
+    items are never loaded.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_skip(self, num_indices: int) -> None:
+        """Skip the first ``num_indices`` indices of this rank in the coming epochs (0 resets)."""
+        if num_indices < 0:
+            raise ValueError(f"num_indices must be non-negative, got {num_indices}")
+        self.skip = num_indices
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -12,6 +12,7 @@ from dataloaders.annotations import (
     read_annotation_pickle,
     split_dev_records,
 )
+from dataloaders.safe_pickle import UnsafePickleError
 
 
 def write_pickle(path: Path, data: object) -> Path:
@@ -232,3 +233,39 @@ def test_demo_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert (len(dev.records), dev.num_videos, dev.feature_subset) == (2, 4, "dev")
     assert "demo dev: 2 sentences, 4 videos" in caplog.text
     assert load_split("demo", tmp_path, "test").feature_subset == "test"
+
+
+class _RunsSubprocess:
+    """Unpickling this object would start a subprocess that creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import subprocess
+
+        return subprocess.call, (["touch", str(self.marker)],)
+
+
+def test_malicious_annotation_rejected(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = write_pickle(tmp_path / "train.pkl", {"S1": {"text": _RunsSubprocess(marker), "video_name": "v"}})
+    with pytest.raises(UnsafePickleError) as error:
+        read_annotation_pickle(path)
+    assert str(path) in str(error.value)
+    assert "subprocess.call" in str(error.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle at all", pickle.dumps({"S1": [{"text": "t"}]})[:15]])
+def test_read_unreadable_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "train.pkl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable annotation pickle") as error:
+        read_annotation_pickle(path)
+    assert str(path) in str(error.value)
+
+
+def test_load_split_names_source(tmp_path: Path) -> None:
+    write_pickle(tmp_path / "train.pkl", {"S1": {"text": "t", "video_name": "v"}})
+    assert load_split("demo", tmp_path, "train").source == str(tmp_path / "train.pkl")

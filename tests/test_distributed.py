@@ -1,13 +1,18 @@
-"""Two gloo processes must reproduce the loss and gradients of one process on the global batch."""
+"""Two gloo processes: the loss and gradients of one process, long waits for rank 0, and a mid-epoch resume."""
 
+import json
 import os
+import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from test_driver import DRIVER, _data_args, _run, corpus  # noqa: F401 (fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4
@@ -108,3 +113,88 @@ def test_two_gloo_ranks_match_one_process(method, tmp_path, monkeypatch):
     for name, grad in reference_grads.items():
         assert torch.allclose(result["grads"][name], grad, atol=1e-5, rtol=1e-4), name
     assert any(g.abs().sum() > 0 for g in reference_grads.values())
+
+
+TRAINING_TIMEOUT_S = 2
+
+
+def _long_wait_worker(rank: int, port: int, ready_dir: str, out_path: str) -> None:
+    sys.path.insert(0, str(REPO_ROOT))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    from modules import distributed as du
+
+    # Both ranks start the rendezvous together, so that the short timeout only bites where intended.
+    Path(ready_dir, str(rank)).touch()
+    while len(os.listdir(ready_dir)) < 2:
+        time.sleep(0.01)
+    du.init_distributed(device="cpu", timeout_s=TRAINING_TIMEOUT_S, wait_timeout_s=60)
+    outcome = {}
+    try:
+        # Rank 0 evaluates alone for longer than the training timeout while rank 1 waits.
+        if rank == 0:
+            time.sleep(1.5 * TRAINING_TIMEOUT_S)
+        outcome["metrics"] = du.broadcast_object({"R1": 42.0} if rank == 0 else None)
+        if rank == 0:
+            time.sleep(1.5 * TRAINING_TIMEOUT_S)
+        du.wait_for_main()
+
+        # The training group still works afterwards.
+        total = torch.tensor([float(rank + 1)])
+        dist.all_reduce(total)
+        outcome["sum"] = total.item()
+
+        # Control: a barrier of the training group does time out while rank 0 is busy.
+        if rank == 1:
+            try:
+                dist.barrier()
+                outcome["control"] = "no error"
+            except RuntimeError as error:
+                outcome["control"] = str(error)
+        else:
+            time.sleep(1.5 * TRAINING_TIMEOUT_S)
+    finally:
+        torch.save(outcome, f"{out_path}.{rank}")
+        du.cleanup_distributed()
+
+
+
+def test_waiting_ranks_outlast_training_timeout(tmp_path):
+    ready_dir = tmp_path / "ready"
+    ready_dir.mkdir()
+    out_path = tmp_path / "outcome"
+    mp.start_processes(_long_wait_worker, args=(_free_port(), str(ready_dir), str(out_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    waiting = torch.load(f"{out_path}.1", weights_only=True)
+    assert waiting["metrics"] == {"R1": 42.0}
+    assert waiting["sum"] == 3.0
+    assert "Timed out" in waiting["control"] or "timeout" in waiting["control"].lower()
+
+
+def test_two_ranks_resume_mid_epoch(corpus, tmp_path):
+    # The straight run keeps its mid-epoch checkpoint of epoch 1 (step 6 of 8) as checkpoint_prev.pt.
+    torchrun = Path(sys.executable).parent / "torchrun"
+    flags = ["--do_train", "--batch_size", "4", "--epochs", "2", "--save_every_steps", "3"]
+    straight = tmp_path / "straight"
+    _run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", str(DRIVER),
+          *_data_args(corpus, straight), *flags], cwd=REPO_ROOT)
+    middle = torch.load(straight / "checkpoint_prev.pt", weights_only=True)
+    assert (middle["epoch"], middle["epoch_step"], middle["epoch_finished"]) == (1, 6, False)
+    assert len(middle["rng_states"]) == 2
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy2(straight / "checkpoint_prev.pt", resumed / "middle.pt")
+    shutil.copy2(straight / "checkpoint_best.pt", resumed / "checkpoint_best.pt")
+    _run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", str(DRIVER),
+          *_data_args(corpus, resumed), *flags, "--resume", str(resumed / "middle.pt")], cwd=REPO_ROOT)
+
+    expected = torch.load(straight / "checkpoint_last.pt", weights_only=True)
+    actual = torch.load(resumed / "checkpoint_last.pt", weights_only=True)
+    assert actual["step"] == expected["step"] == 16
+    for name, tensor in expected["model"].items():
+        assert torch.equal(actual["model"][name], tensor), name
+    expected_loss = json.loads(expected["history_json"])[1]["train"]["loss"]
+    assert json.loads(actual["history_json"])[1]["train"]["loss"] == expected_loss

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dataloaders.features import FeatureReader, fuse_streams, sample_clips
+from dataloaders.safe_pickle import UnsafePickleError, loads_pickle
 
 
 def write_features(root: Path, subset: str, video_name: str, content: object) -> Path:
@@ -118,3 +119,72 @@ def test_wrong_channel_count_rejected(tmp_path):
     with pytest.raises(ValueError, match="512-d, expected 1024"):
         FeatureReader(tmp_path, "train", channels=1024).load("narrow")
     assert FeatureReader(tmp_path, "train").load("narrow").shape == (3, 512)
+
+
+class _CreatesMarker:
+    """Unpickling this object would call os.system and create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+class _ExecsCode:
+    """Unpickling this object would run Python code through builtins.exec."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("payload", [_CreatesMarker, _ExecsCode])
+def test_malicious_pickle_rejected(tmp_path: Path, payload) -> None:
+    marker = tmp_path / "marker"
+    path = write_features(tmp_path, "train", "evil", {"feature": payload(marker)})
+    with pytest.raises(UnsafePickleError) as error:
+        FeatureReader(tmp_path, "train").load("evil")
+    assert str(path) in str(error.value)
+    assert "rejected the global" in str(error.value)
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_reads_numpy_pickles() -> None:
+    content = {"feature": np.arange(12, dtype=np.float32).reshape(3, 4), "fps": np.float64(25.0),
+               "num_frames": np.int64(18), "name": "a.mp4", "shape": (3, 4), "tags": ["x"], "raw": b"\x00\xff"}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        loaded = loads_pickle(pickle.dumps(content, protocol=protocol))
+        np.testing.assert_array_equal(loaded["feature"], content["feature"])
+        assert loaded["feature"].dtype == np.float32
+        assert loaded["fps"] == 25.0
+        assert loaded["num_frames"] == 18
+        assert loaded["name"] == "a.mp4"
+        assert loaded["shape"] == (3, 4)
+        assert loaded["raw"] == b"\x00\xff"
+
+
+def test_numpy1_global_names_accepted() -> None:
+    # numpy 1.x writes numpy.core.multiarray; build such a pickle by renaming the numpy 2.x module.
+    data = pickle.dumps({"feature": np.ones((2, 3), dtype=np.float32)}, protocol=2)
+    legacy = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert legacy != data
+    np.testing.assert_array_equal(loads_pickle(legacy)["feature"], np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (np.array([[1.0, np.nan]], dtype=np.float32), "1 of 1 clips hold NaN or infinite values"),
+    (np.array([[1.0, 2.0], [np.inf, 0.0]], dtype=np.float32), "(first clip 1)"),
+    (np.array([["a", "b"]]), "numeric numpy array"),
+    ([[1.0, 2.0]], "numeric numpy array, got list"),
+])
+def test_reader_rejects_values(tmp_path: Path, bad, fragment: str) -> None:
+    write_features(tmp_path, "train", "bad", {"feature": bad})
+    with pytest.raises(ValueError) as error:
+        FeatureReader(tmp_path, "train").load("bad")
+    assert "bad.pkl" in str(error.value)
+    assert fragment in str(error.value)
