@@ -30,24 +30,29 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
-from dataloaders.annotations import Split, load_split  # noqa: E402
-from dataloaders.features import FeatureReader  # noqa: E402
+from dataloaders.annotations import InvalidItem, Split, find_invalid_records, load_split  # noqa: E402
+from dataloaders.features import FeatureReader, diagnose_feature_root  # noqa: E402
+from dataloaders import validation  # noqa: E402
 from dataloaders.retrieval import EvalTextDataset, EvalVideoDataset, TrainDataset, drop_videos_without_features  # noqa: E402
 from dataloaders.text import ClipTokenizer  # noqa: E402
 from modules import distributed as du  # noqa: E402
 from modules.checkpoint import (  # noqa: E402
     BEST_NAME,
     LAST_NAME,
-    load_checkpoint,
+    PREV_NAME,
+    capture_rng_state,
+    find_latest_checkpoint,
     load_model_weights,
+    load_training_checkpoint,
     model_state_from,
+    restore_rng_state,
     save_checkpoint,
     unwrap_model,
 )
 from modules.clip import CLIPConfig, config_from_state_dict, load_openai_weights  # noqa: E402
-from modules.criterion import RetrievalLoss  # noqa: E402
+from modules.compilation import CompiledWithFallback  # noqa: E402
+from modules.criterion import ProcessGroupComm, RetrievalLoss  # noqa: E402
 from modules.engine import evaluate, train_one_epoch  # noqa: E402
 from modules.logger import setup_logging  # noqa: E402
 from modules.metrics import format_metrics_table  # noqa: E402
@@ -90,14 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", type=str, default="runs/upret", help="run folder for logs, checkpoints and results")
     run.add_argument("--seed", type=int, default=42, help="seed of Python, NumPy and torch")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto picks CUDA when available")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                     help="autocast of the encoders; auto is bf16 on CUDA and fp32 on CPU")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast dtype of the encoders, with fp32 weights and an fp32 loss; fp16 adds a "
+                          "loss scaler. auto is bf16 on CUDA GPUs that support it, fp16 on older CUDA GPUs "
+                          "and fp32 on the CPU")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                     help="run the training forward pass through torch.compile, falling back to eager "
+                          "execution with a warning when compilation fails")
     run.add_argument("--resume", type=str, default=None,
-                     help="training checkpoint to continue from, or 'latest' for <output_dir>/checkpoint_last.pt")
+                     help="training checkpoint to continue from, or 'latest' for the newest loadable "
+                          "checkpoint_last.pt or checkpoint_prev.pt in --output_dir")
+    run.add_argument("--save_every_steps", type=int, default=0,
+                     help="also write checkpoint_last.pt every N optimizer steps inside an epoch, so that a crash "
+                          "loses at most N steps (0: only at the end of each epoch)")
     run.add_argument("--init_model", type=str, default=None, help="model weights to start from or to evaluate")
     run.add_argument("--num_workers", type=int, default=2, help="data-loader worker processes per rank")
     run.add_argument("--log_every", type=int, default=20, help="log the loss terms every N steps")
-    run.add_argument("--dist_timeout", type=float, default=1800.0, help="process-group timeout in seconds")
+    run.add_argument("--dist_timeout", type=float, default=None,
+                     help="process-group timeout in seconds: a collective that waits longer (a rank died or hangs) "
+                          "ends the run with an error. Default: 300 with gloo (CPU), 1800 with NCCL")
+    run.add_argument("--wait_timeout", type=float, default=7200.0,
+                     help="timeout in seconds for the ranks that wait while rank 0 alone evaluates or writes a "
+                          "checkpoint")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None,
                      help="set by python -m torch.distributed.launch; torchrun uses LOCAL_RANK instead")
 
@@ -119,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seed of the dev slice, kept apart from --seed so that every run selects on the same sentences")
     data.add_argument("--released_ph_aware_path", action=bool_flag, default=False,
                       help="PHOENIX: train on the agnostic stream for both streams, as the released loader did")
+    data.add_argument("--skip_invalid", action=bool_flag, default=False,
+                      help="leave out videos with missing or invalid feature files and sentences with invalid "
+                           "annotations (listed in <output_dir>/invalid_items.tsv) instead of stopping")
 
     model = parser.add_argument_group("model")
     model.add_argument("--method", choices=("upret", "cico"), default="upret", help="UPRet or the CiCo baseline")
@@ -130,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sample_num", type=int, default=2, help="K, Monte Carlo samples per item (the mean is one)")
     model.add_argument("--dist_heads", type=int, default=8, help="attention heads of the distribution heads")
     model.add_argument("--dist_dropout", type=float, default=0.1, help="dropout of the distribution heads")
+    model.add_argument("--checkpoint_heads", action=bool_flag, default=False,
+                       help="recompute the distribution heads' activations in backward instead of keeping them "
+                            "(same results, less memory, about one more forward pass of the heads)")
 
     loss = parser.add_argument_group("loss")
     loss.add_argument("--dual_mix", type=float, default=0.5, help="weight d of the clip-to-words direction, 1 - d of words-to-clips")
@@ -144,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="add the OT score to the logits (released) or use it as a separate InfoNCE term")
     loss.add_argument("--masked_softmax", action=bool_flag, default=False,
                       help="restrict the token-wise softmaxes to valid positions (the released code does not)")
+    loss.add_argument("--sharded_loss", action=bool_flag, default=True,
+                      help="with several processes, score only this process's videos against all gathered texts "
+                           "(B_local x B_global pairs); the loss and gradients equal the global-batch loss")
+    loss.add_argument("--similarity_chunk", type=int, default=1 << 22,
+                      help="similarity entries per chunk of the token-wise similarity in training (memory bound; "
+                           "the result does not depend on it)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=512, help="global training batch over all processes")
@@ -246,12 +277,14 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--warmup_proportion must lie in [0, 1), got {args.warmup_proportion}")
     if args.seed < 0 or args.dev_seed < 0:
         parser.error(f"--seed and --dev_seed must not be negative, got {args.seed} and {args.dev_seed}")
-    positive = ("feature_len", "batch_size", "batch_size_val", "epochs", "eval_block_size", "sample_num",
-                "sinkhorn_iters", "lr", "ot_eps", "tau", "sinkhorn_tol", "dev_size", "dist_timeout")
+    positive = ("feature_len", "batch_size", "batch_size_val", "epochs", "eval_block_size", "similarity_chunk", "sample_num",
+                "sinkhorn_iters", "lr", "ot_eps", "tau", "sinkhorn_tol", "dev_size", "wait_timeout")
     for name in positive:
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("weight_decay", "max_grad_norm", "num_workers", "log_every", "dist_dropout"):
+    if args.dist_timeout is not None and not args.dist_timeout > 0:
+        parser.error(f"--dist_timeout must be positive, got {args.dist_timeout}")
+    for name in ("weight_decay", "max_grad_norm", "num_workers", "log_every", "dist_dropout", "save_every_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_words < 3:
@@ -270,6 +303,30 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.pretrained_clip_name in (None, "none", "None", "") and args.max_words > args.context_length:
         parser.error(f"--max_words {args.max_words} exceeds --context_length {args.context_length}, the rows of "
                      "the text positional embedding")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Resolve ``auto`` to the precision of a run on ``device``, and check the other values.
+
+    ``auto`` is bf16 on CUDA GPUs with bf16 support, fp16 (with a loss scaler) on older CUDA GPUs
+    and fp32 on the CPU.
+
+    Raises:
+        ValueError: for bf16 on a CUDA GPU without bf16 support.
+    """
+    on_cuda = device.type == "cuda"
+    bf16_supported = not on_cuda or torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        if not on_cuda:
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if precision == "bf16" and not bf16_supported:
+        raise ValueError(f"--precision bf16: the GPU {torch.cuda.get_device_name(device)} does not support bf16. "
+                         "Use --precision fp16 or fp32")
+    if precision == "fp16" and not on_cuda:
+        logger.warning("--precision fp16 on the CPU runs fp16 autocast with a CPU loss scaler, which is slower than "
+                       "fp32 there. Use it to test the loss-scaling path, and bf16 or fp32 to train")
+    return precision
 
 
 def seed_everything(seed: int) -> None:
@@ -293,6 +350,72 @@ def _warn_on_changed_schedule(args: argparse.Namespace, checkpoint: dict[str, An
         if key in saved and saved[key] != getattr(args, key):
             logger.warning("--%s is %s but the checkpoint was trained with %s; the learning-rate schedule or the "
                            "data order changes from here on", key, getattr(args, key), saved[key])
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """Return the seed of the training loader's generator (the workers' base seed) for one epoch and rank."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
+
+
+def load_resume_checkpoint(args: argparse.Namespace, output_dir: Path,
+                           dist_info: du.DistInfo) -> tuple[Path, dict[str, Any]]:
+    """Load the checkpoint named by ``--resume``, where ``latest`` means the newest loadable one in ``output_dir``.
+
+    With ``latest``, rank 0 picks the file and the other ranks load the same one.
+    """
+    if args.resume != "latest":
+        path = resolve_path(args.resume)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"nothing to resume: {path} does not exist. Drop --resume to start a new run, or pass "
+                "--resume latest to continue from the newest checkpoint in --output_dir."
+            )
+        return path, load_training_checkpoint(path)
+
+    chosen: tuple[Optional[str], str] = (None, "")
+    checkpoint: dict[str, Any] = {}
+    if dist_info.is_main:
+        try:
+            path, checkpoint = find_latest_checkpoint(output_dir)
+            chosen = (str(path), "")
+        except FileNotFoundError as error:
+            chosen = (None, str(error))
+    chosen = du.broadcast_object(chosen)
+    if chosen[0] is None:
+        raise FileNotFoundError(chosen[1])
+    path = Path(chosen[0])
+    return path, checkpoint if dist_info.is_main else load_training_checkpoint(path)
+
+
+def resume_position(checkpoint: dict[str, Any]) -> tuple[int, int]:
+    """Return (epoch, optimizer steps of that epoch already done) at which a checkpoint continues."""
+    epoch = int(checkpoint["epoch"])
+    # Checkpoints without "epoch_finished" were written only at the end of an epoch.
+    if checkpoint.get("epoch_finished", True):
+        return epoch + 1, 0
+    return epoch, int(checkpoint["epoch_step"])
+
+
+def _restore_scaler(scaler: torch.amp.GradScaler, checkpoint: dict[str, Any], path: Path) -> None:
+    saved = checkpoint.get("scaler") or {}
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    elif saved:
+        logger.warning("%s contains a loss-scaler state, but this run does not use --precision fp16, so it is ignored",
+                       path)
+
+
+def _restore_rng_mid_epoch(args: argparse.Namespace, checkpoint: dict[str, Any], epoch: int, epoch_step: int,
+                           dist_info: du.DistInfo) -> None:
+    """Restore this rank's generators saved inside an epoch, so the draws continue as without the restart."""
+    states = checkpoint.get("rng_states") or []
+    if int(checkpoint.get("world_size", 1)) == dist_info.world_size and len(states) == dist_info.world_size:
+        restore_rng_state(states[dist_info.rank])
+        return
+    logger.warning("the checkpoint was written by %s processes and this run has %d, so the random draws of the rest "
+                   "of epoch %d are reseeded: the run will not repeat an uninterrupted one exactly",
+                   checkpoint.get("world_size", "?"), dist_info.world_size, epoch)
+    seed_everything(int(np.random.SeedSequence([args.seed, epoch, dist_info.rank, epoch_step]).generate_state(1)[0]))
 
 
 def clip_config_from_args(args: argparse.Namespace) -> CLIPConfig:
@@ -324,6 +447,9 @@ def build_model(args: argparse.Namespace) -> RetrievalModel:
         config, method=args.method, sample_num=args.sample_num, dist_heads=args.dist_heads,
         dist_dropout=args.dist_dropout,
     )
+    if args.method == "upret" and getattr(args, "checkpoint_heads", False):
+        model.video_dist_head.checkpoint_activations = True
+        model.text_dist_head.checkpoint_activations = True
     if clip_path is not None:
         report = load_openai_weights(model.clip, clip_path)
         logger.info("loaded CLIP weights from %s: %d tensors", clip_path, len(report.loaded))
@@ -350,6 +476,12 @@ class Data:
                                         "the annotation and feature files go.")
         self.tokenizer = ClipTokenizer(max_words=args.max_words)
         self._splits: dict[str, Split] = {}
+        self._checked: set[tuple[str, bool]] = set()
+        # An evaluation-only run keeps the list of the training run in the same folder, as main() does.
+        prefix = "" if args.do_train else f"eval_{args.eval_split}_"
+        self.invalid_list_path = (resolve_path(args.output_dir) or Path("runs/upret")) / (
+            prefix + validation.INVALID_LIST_NAME)
+        self.invalid_rows: list[tuple[str, InvalidItem]] = []
 
     def split(self, name: str) -> Split:
         if name not in self._splits:
@@ -359,6 +491,10 @@ class Data:
             if self.args.datatype == "h2s" and name in ("train", "dev") and not (self.data_path / "train.pkl").is_file():
                 # Records rebuilt from the realigned CSV include segments that were never cut into clips.
                 split.records = drop_videos_without_features(split.records, list(self.readers(split)))
+            invalid = find_invalid_records(split.records, split.source)
+            if invalid:
+                self._handle_invalid(split, invalid, "annotated sentences and videos",
+                                     len(split.records) + split.num_videos)
             self._splits[name] = split
         return self._splits[name]
 
@@ -370,30 +506,67 @@ class Data:
         return agnostic, FeatureReader(self.aware_root, split.feature_subset, channels=channels)
 
     def check_features(self, name: str, train: bool = False) -> None:
-        """Raise before any training if a feature file of split ``name`` is missing."""
+        """Load every feature file of split ``name`` once before training; drop or reject invalid videos.
+
+        The main rank reads the files and sends the invalid videos to the others, so every rank keeps
+        the same records. A split is checked once per set of readers.
+        """
         split = self.split(name)
         if split.num_videos == 0:
             raise ValueError(f"the {name} split of {self.data_path} has no videos with features; check the "
                              f"annotation files and <features root>/{split.feature_subset}")
-        missing = [
-            str(reader.path(video.name))
-            for reader in dict.fromkeys(self.readers(split, train=train))
-            for record in split.records
-            for video in record.videos
-            if not reader.exists(video.name)
-        ]
-        if not missing:
+        if (name, train) in self._checked:
             return
-        total = split.num_videos * (1 if train and self.args.released_ph_aware_path else 2)
-        hint = ""
-        if name == "dev" and self.args.datatype == "ph":
-            hint = (" The PHOENIX-2014T dev videos need their own features under <features root>/dev; extract them "
-                    "or select on the test split with --select_on test.")
-        raise FileNotFoundError(
-            f"{len(missing)} of {total} feature files of the {name} split are missing, for example "
-            f"{', '.join(missing[:3])}. Check --features_path and --features_path_retrain "
-            f"(expected layout <root>/{split.feature_subset}/<video_name>.pkl).{hint}"
+        readers = list(dict.fromkeys(self.readers(split, train=train)))
+        invalid, num_missing = validation.find_invalid_videos_on_main(
+            split.records, readers, du.is_main_process(), du.broadcast_object, description=f"checking {name} features",
         )
+        self._checked.add((name, train))
+        if not invalid:
+            return
+
+        num_videos = split.num_videos
+        hint = ""
+        if num_missing * 2 >= num_videos:  # at least half the files of one stream
+            names = [video.name for record in split.records for video in record.videos]
+            guesses = [diagnose_feature_root(reader.root, split.feature_subset, names) for reader in readers]
+            hint = " ".join(dict.fromkeys(guess for guess in guesses if guess))
+            hint = (f"Most feature files are missing, so a feature root probably points at the wrong folder. "
+                    f"{hint}".strip())
+        if name == "dev" and self.args.datatype == "ph" and num_missing:
+            hint += (" The PHOENIX-2014T dev videos need their own features under <features root>/dev; extract them "
+                     "or select on the test split with --select_on test.")
+        if all(item.reason == validation.MISSING_REASON for item in invalid) and not self.args.skip_invalid:
+            # Only missing files: keep the short message of the common case of an incomplete copy.
+            self._record_invalid(name, invalid)
+            examples = ", ".join(item.path for item in invalid[:3])
+            raise FileNotFoundError(
+                f"{num_missing} of {num_videos * len(readers)} feature files of the {name} split are missing, for "
+                f"example {examples}. Check --features_path and --features_path_retrain (expected layout "
+                f"<root>/{split.feature_subset}/<video_name>.pkl or a packed store), or pass --skip_invalid to leave "
+                f"these videos out; all are listed in {self.invalid_list_path}. {hint}".strip()
+            )
+        self._handle_invalid(split, invalid, "videos", num_videos, hint=hint)
+
+    def _record_invalid(self, split_name: str, invalid: list[InvalidItem]) -> None:
+        self.invalid_rows.extend((split_name, item) for item in invalid)
+        if du.is_main_process():
+            validation.write_invalid_list(self.invalid_list_path, self.invalid_rows)
+
+    def _handle_invalid(self, split: Split, invalid: list[InvalidItem], what: str, total: int,
+                        hint: str = "") -> None:
+        """List the invalid items in the run folder, then leave them out (--skip_invalid) or raise."""
+        self._record_invalid(split.name, invalid)
+        if not self.args.skip_invalid:
+            raise ValueError(validation.format_invalid_error(what, split.name, invalid, total, self.invalid_list_path,
+                                                             hint))
+        validation.log_invalid_items(split.name, invalid, self.invalid_list_path)
+        split.records = validation.drop_invalid_items(split.records, invalid)
+        logger.warning("%s split: left out %d invalid items (listed in %s); %d sentences with %d videos remain",
+                       split.name, len(invalid), self.invalid_list_path, len(split.records), split.num_videos)
+        if not split.records:
+            raise ValueError(f"no valid sentence is left in the {split.name} split after leaving out {len(invalid)} "
+                             f"invalid items (listed in {self.invalid_list_path}). {hint}".strip())
 
     def train_dataset(self) -> TrainDataset:
         split = self.split("train")
@@ -474,10 +647,14 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
     if args.do_eval:
         data.check_features(args.eval_split)
     train_set = data.train_dataset()
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=dist_info.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = du.ResumableDistributedSampler(train_set, num_replicas=world, rank=dist_info.rank, shuffle=True,
+                                             seed=args.seed, drop_last=True)
+    # The workers' base seed comes from this generator, reseeded every epoch. Without it, creating the
+    # iterator draws from the global torch generator, and a resumed epoch would draw its model noise
+    # out of step with an uninterrupted one.
+    loader_generator = torch.Generator()
     loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        drop_last=True, pin_memory=dist_info.device.type == "cuda",
+                        drop_last=True, pin_memory=dist_info.device.type == "cuda", generator=loader_generator,
                         persistent_workers=False)  # workers must see set_epoch, so they restart each epoch
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -493,30 +670,31 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
         sinkhorn_iters=args.sinkhorn_iters, sinkhorn_tol=args.sinkhorn_tol, ot_aggregation=args.ot_aggregation,
         ot_mode=args.ot_mode, masked_softmax=args.masked_softmax,
         gather=du.gather_outputs if dist_info.distributed else None,
+        comm=ProcessGroupComm() if dist_info.distributed and args.sharded_loss else None,
+        chunk_elements=args.similarity_chunk,
     )
     optimizer = build_optimizer(core, name=args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup=args.warmup_proportion)
+    # Only fp16 needs loss scaling: bf16 has fp32's exponent range, so its gradients do not underflow.
+    scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.precision == "fp16")
 
-    start_epoch, global_step = 0, 0
+    start_epoch, start_step, global_step = 0, 0, 0
     best_score, best_epoch = -1.0, -1
     history: list[dict[str, Any]] = []
-    resume_path = output_dir / LAST_NAME if args.resume == "latest" else resolve_path(args.resume)
-    if resume_path is not None:
-        if not resume_path.is_file():
-            raise FileNotFoundError(
-                f"nothing to resume: {resume_path} does not exist. Drop --resume to start a new run, or pass "
-                "--resume PATH/checkpoint_last.pt (--resume latest looks in --output_dir)."
-            )
-        checkpoint = load_checkpoint(resume_path)
+    checkpoint: dict[str, Any] = {}
+    if resolve_path(args.resume) is not None:
+        resume_path, checkpoint = load_resume_checkpoint(args, output_dir, dist_info)
         _warn_on_changed_schedule(args, checkpoint)
         core.load_state_dict(model_state_from(checkpoint))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = int(checkpoint["epoch"]) + 1
+        _restore_scaler(scaler, checkpoint, resume_path)
+        start_epoch, start_step = resume_position(checkpoint)
         global_step = int(checkpoint["step"])
         best_score, best_epoch = float(checkpoint["best_score"]), int(checkpoint["best_epoch"])
         history = json.loads(checkpoint.get("history_json", "[]"))
-        logger.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch, global_step)
+        logger.info("resumed from %s at epoch %d, step %d of the epoch (global step %d)", resume_path, start_epoch,
+                    start_step, global_step)
         if start_epoch >= args.epochs:
             logger.warning("the checkpoint has already finished %d epochs, so there is nothing to train; raise "
                            "--epochs to continue", start_epoch)
@@ -527,6 +705,9 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
     if dist_info.distributed:
         ddp_kwargs = {"device_ids": [dist_info.local_rank]} if dist_info.device.type == "cuda" else {}
         model = torch.nn.parallel.DistributedDataParallel(core, **ddp_kwargs)
+    if args.compile:
+        # Evaluation calls the encoders of `core` directly, so only the training forward pass is compiled.
+        model = CompiledWithFallback(model)
 
     num_params = sum(p.numel() for p in core.parameters())
     trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
@@ -539,14 +720,57 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
     )
     sentence_ids = [record.sentence_id for record in train_set.records]
 
+    def save_state(epoch: int, epoch_step: int, step: int, finished: bool,
+                   loss_sums: Optional[dict[str, float]] = None) -> None:
+        """Write checkpoint_last.pt on rank 0, keeping the one before as checkpoint_prev.pt."""
+        # Continuing inside an epoch needs the generators of every rank, so all ranks join this gather.
+        rng_states = du.all_gather_object(capture_rng_state()) if not finished else []
+        if dist_info.is_main:
+            state = {
+                "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "epoch_step": epoch_step,
+                "epoch_finished": finished,
+                "step": step,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "history_json": json.dumps(history, default=str),
+                "config_json": json.dumps(vars(args), default=str),
+                "world_size": world,
+                "loss_sums": dict(loss_sums or {}),
+                "rng_states": rng_states,
+            }
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
+            save_checkpoint(state, output_dir / LAST_NAME, previous=output_dir / PREV_NAME)
+            logger.info("saved %s at epoch %d, step %d of %d (global step %d)", output_dir / LAST_NAME, epoch,
+                        epoch_step, steps_per_epoch, step)
+
     for epoch in range(start_epoch, args.epochs):
+        skip_steps = start_step if epoch == start_epoch else 0
         seed_epoch(args.seed, epoch, dist_info.rank)
+        loader_generator.manual_seed(loader_seed(args.seed, epoch, dist_info.rank))
         sampler.set_epoch(epoch)
+        sampler.set_skip(skip_steps * local_batch)
         train_set.set_epoch(epoch)
+        if skip_steps:
+            _restore_rng_mid_epoch(args, checkpoint, epoch, skip_steps, dist_info)
+
+        def save_mid_epoch(epoch_step: int, step: int, sums: dict[str, float], epoch: int = epoch) -> None:
+            # The last step needs no mid-epoch file, because the end-of-epoch checkpoint follows the evaluation.
+            if epoch_step % args.save_every_steps or epoch_step >= steps_per_epoch:
+                return
+            save_state(epoch, epoch_step, step, finished=False, loss_sums=sums)
+            du.wait_for_main()
+
         train_terms, global_step = train_one_epoch(
             model, criterion, loader, optimizer, scheduler, epoch, global_step, dist_info,
             precision=args.precision, max_grad_norm=args.max_grad_norm, log_every=args.log_every,
-            sentence_ids=sentence_ids,
+            sentence_ids=sentence_ids, scaler=scaler, start_step=skip_steps,
+            loss_sums=checkpoint.get("loss_sums") if skip_steps else None,
+            on_step=save_mid_epoch if args.save_every_steps else None,
         )
         metrics = evaluate_on_main(args, core, data, args.select_on, dist_info)
         score = metrics["t2v"]["R1"]
@@ -559,36 +783,25 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
             epoch, train_terms["epoch_time_s"], train_terms["loss"], args.select_on, score, best_score, best_epoch,
         )
 
+        save_state(epoch, steps_per_epoch, global_step, finished=True)
         if dist_info.is_main:
-            state = {
-                "model": core.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "step": global_step,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "history_json": json.dumps(history, default=str),
-                "config_json": json.dumps(vars(args), default=str),
-            }
-            save_checkpoint(state, output_dir / LAST_NAME)
             if improved:
-                save_checkpoint({"model": state["model"], "epoch": epoch, "config_json": state["config_json"]},
-                                output_dir / BEST_NAME)
+                save_checkpoint({"model": core.state_dict(), "epoch": epoch,
+                                 "config_json": json.dumps(vars(args), default=str)}, output_dir / BEST_NAME)
             plot_history(history, output_dir / "curves.png", args.select_on)
-        du.barrier()
+        du.wait_for_main()
 
     return {"history": history, "best_epoch": best_epoch, "best_score": best_score, "steps": global_step}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    dist_info = du.init_distributed(args.local_rank, device=args.device, timeout_s=args.dist_timeout)
-    if args.precision == "auto":
-        args.precision = "bf16" if dist_info.device.type == "cuda" else "fp32"
+    dist_info = du.init_distributed(args.local_rank, device=args.device, timeout_s=args.dist_timeout,
+                                    wait_timeout_s=args.wait_timeout)
     output_dir = resolve_path(args.output_dir) or Path("runs/upret")
     output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(output_dir / "log.txt", rank=dist_info.rank)
+    args.precision = resolve_precision(args.precision, dist_info.device)
     seed_everything(args.seed)
     start = time.time()
     try:

@@ -422,13 +422,23 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
     if _is_torchscript_archive(path):
         # OpenAI publishes its weights only as TorchScript, so the deprecated loader is the one that reads them.
+        # Its unpickler builds only TorchScript types and never imports Python callables named in the file.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
-            state: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
+            try:
+                state: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except RuntimeError as error:
+                reason = str(error).strip().replace("\n", " ")[:300]
+                raise ValueError(f"cannot read {path} as a TorchScript archive ({reason}). Pass OpenAI's ViT-B-32.pt "
+                                 "or a state dict saved with torch.save") from error
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError) as error:
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"rejected {path}: it contains Python objects other than tensors and containers, and "
+                             "loading them could run code from the file. Pass OpenAI's ViT-B-32.pt or a state dict "
+                             "saved with torch.save") from error
+        except (RuntimeError, ValueError, EOFError, KeyError) as error:
             # The restricted unpickler's messages run over many lines, so only the first one is kept.
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"cannot read {path}: it is neither a TorchScript archive nor a state dict saved "

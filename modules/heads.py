@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "TokenWeightHead",
@@ -131,10 +132,31 @@ class DistributionHead(nn.Module):
     parameter names follow the released UPRet head (`fc`, `norm1`, `attn.qkv`, `attn.mu_proj`,
     `attn.logsig_proj`, `norm2`, `norm3`, `mu_mlp`, `logsig_mlp`). The released head also
     carried two unused projections, which are left out here.
+
+    With `checkpoint_activations` set, the attention branch and the two MLP branches each keep only
+    their inputs for backward and recompute their activations then (torch.utils.checkpoint, which
+    replays the dropout masks). Each branch runs on pieces of at most `checkpoint_items` items, so
+    the recomputation in backward holds the activations of one piece only. The memory kept for
+    backward drops from about 20 [B, T, D]-sized tensors to 5, and the forward pass runs twice.
+    Without dropout the results and gradients are unchanged. With dropout and more than
+    `checkpoint_items` items, the masks are drawn piece by piece, so they differ from those of
+    the plain head while following the same distribution.
     """
 
-    def __init__(self, dim: int = 512, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        dim: int = 512,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        checkpoint_activations: bool = False,
+        checkpoint_items: int = 32,
+    ) -> None:
         super().__init__()
+        if checkpoint_items < 1:
+            raise ValueError(f"checkpoint_items must be positive, got {checkpoint_items}")
+        self.checkpoint_activations = checkpoint_activations
+        self.checkpoint_items = checkpoint_items
         if dim % heads != 0 or dim % 2 != 0:
             raise ValueError(f"dim must be even and divisible by heads, got dim={dim}, heads={heads}")
         hidden_dim = int(dim * mlp_ratio)
@@ -152,15 +174,26 @@ class DistributionHead(nn.Module):
         """Attention logit scale (D * heads)^-0.5."""
         return self.attn.scale
 
+    def _attention_branch(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.attn(self.norm1(self.act(self.fc(tokens))))
+
+    def _mu_branch(self, tokens: torch.Tensor, mu_hat: torch.Tensor) -> torch.Tensor:
+        mu = tokens + mu_hat
+        return mu + self.mu_mlp(self.norm2(mu))
+
+    def _log_sigma_branch(self, log_sigma_hat: torch.Tensor) -> torch.Tensor:
+        return log_sigma_hat + self.logsig_mlp(self.norm3(log_sigma_hat))
+
     def forward(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Map token features [B, T, D] to (mu, log_sigma), both [B, T, D]."""
-        x0 = self.norm1(self.act(self.fc(tokens)))
-        mu_hat, log_sigma_hat = self.attn(x0)
-
-        mu = tokens + mu_hat
-        mu = mu + self.mu_mlp(self.norm2(mu))
-        log_sigma = log_sigma_hat + self.logsig_mlp(self.norm3(log_sigma_hat))
-        return mu, log_sigma
+        if not (self.checkpoint_activations and torch.is_grad_enabled()):
+            mu_hat, log_sigma_hat = self._attention_branch(tokens)
+            return self._mu_branch(tokens, mu_hat), self._log_sigma_branch(log_sigma_hat)
+        pieces = tokens.split(self.checkpoint_items)
+        hats = [checkpoint(self._attention_branch, piece, use_reentrant=False) for piece in pieces]
+        mu = [checkpoint(self._mu_branch, piece, mu_hat, use_reentrant=False) for piece, (mu_hat, _) in zip(pieces, hats)]
+        log_sigma = [checkpoint(self._log_sigma_branch, log_sigma_hat, use_reentrant=False) for _, log_sigma_hat in hats]
+        return torch.cat(mu), torch.cat(log_sigma)
 
 
 def gaussian_noise(

@@ -1,11 +1,14 @@
 """Entropy-regularised optimal transport between the Monte-Carlo samples of a video and a text."""
 import math
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 __all__ = ["sinkhorn", "ot_score"]
+
+# Sums a tensor over the processes that share one Sinkhorn problem set (see `sinkhorn`).
+SumAcrossShards = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _log_marginal(weights: Optional[torch.Tensor], size: int, like: torch.Tensor) -> torch.Tensor:
@@ -15,18 +18,25 @@ def _log_marginal(weights: Optional[torch.Tensor], size: int, like: torch.Tensor
     return weights.to(dtype=like.dtype, device=like.device).log()
 
 
-def _mean_abs_change(log_new: torch.Tensor, log_old: torch.Tensor) -> float:
+def _mean_abs_change(
+    log_new: torch.Tensor, log_old: torch.Tensor, sum_across_shards: Optional[SumAcrossShards] = None
+) -> float:
     """Return mean |exp(log_new) - exp(log_old)| over all entries, computed without overflow to NaN.
 
     |e^x - e^y| = exp(max(x, y) + log(1 - e^-|x - y|)) is evaluated in float64. A scaling too large
-    even for float64 gives +inf, which simply fails the convergence test.
+    even for float64 gives +inf, which simply fails the convergence test. With `sum_across_shards`,
+    the sum and the count of entries are summed over all shards first, so the mean is the global one.
     """
     new, old = log_new.double(), log_old.double()
     gap = (new - old).abs()
     log_change = torch.maximum(new, old) + torch.log(-torch.expm1(-gap))
     # Equal entries (including two -inf from a zero marginal) have no change, and -inf - -inf is NaN.
     log_change = torch.where(new == old, torch.full_like(log_change, -math.inf), log_change)
-    return log_change.exp().mean().item()
+    if sum_across_shards is None:
+        return log_change.exp().mean().item()
+    totals = torch.stack([log_change.exp().sum(), log_change.new_tensor(float(log_change.numel()))])
+    total, count = sum_across_shards(totals).tolist()
+    return total / max(count, 1.0)
 
 
 def _sinkhorn_log(
@@ -36,6 +46,7 @@ def _sinkhorn_log(
     b: Optional[torch.Tensor],
     max_iter: int,
     tol: float,
+    sum_across_shards: Optional[SumAcrossShards],
 ) -> Tuple[torch.Tensor, int]:
     """Run the log-domain Sinkhorn iteration of `sinkhorn` and return (plan, iterations)."""
     # Iterating in float64 keeps the stopping test meaningful: the scalings can reach 1e7 for
@@ -62,7 +73,7 @@ def _sinkhorn_log(
         log_r = log_a - torch.logsumexp(log_kernel + log_c.unsqueeze(-2), dim=-1)  # a / (G c)
         log_c = log_b - torch.logsumexp(log_kernel + log_r.unsqueeze(-1), dim=-2)  # b / (G^T r)
         iterations += 1
-        if _mean_abs_change(log_r, log_r_prev) < tol:
+        if _mean_abs_change(log_r, log_r_prev, sum_across_shards) < tol:
             converged = True
             break
 
@@ -90,6 +101,7 @@ def sinkhorn(
     max_iter: int = 100,
     tol: float = 1e-2,
     return_iterations: bool = False,
+    sum_across_shards: Optional[SumAcrossShards] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, int]]:
     """Solve entropy-regularised optimal transport for a batch of cost matrices.
 
@@ -117,6 +129,10 @@ def sinkhorn(
         max_iter: maximum number of Sinkhorn updates (>= 1).
         tol: threshold of the stopping rule.
         return_iterations: also return the number of updates performed.
+        sum_across_shards: when the batch of problems is split over processes, a collective that
+            sums a float64 tensor over them. The stopping test then uses the mean over the whole
+            batch, so every shard stops after the same update as one process would. Every shard
+            must call `sinkhorn` the same number of times.
 
     Returns:
         The plan [..., K, L] in at least float32 precision, or (plan, iterations) when
@@ -134,7 +150,7 @@ def sinkhorn(
 
     # The plan is a constant for autograd: gradients reach the scores only through S in ot_score.
     with torch.no_grad():
-        plan, iterations = _sinkhorn_log(cost, eps, a, b, max_iter, tol)
+        plan, iterations = _sinkhorn_log(cost, eps, a, b, max_iter, tol, sum_across_shards)
     if return_iterations:
         return plan, iterations
     return plan
@@ -147,6 +163,7 @@ def ot_score(
     max_iter: int = 100,
     tol: float = 1e-2,
     aggregation: str = "max",
+    sum_across_shards: Optional[SumAcrossShards] = None,
 ) -> torch.Tensor:
     """Score every video-text pair by optimal transport between their pooled samples.
 
@@ -162,6 +179,10 @@ def ot_score(
         text_samples: [Bt, L, D] L2-normalised pooled text samples.
         eps, max_iter, tol: Sinkhorn settings, see `sinkhorn`.
         aggregation: "max" or "inner".
+        sum_across_shards: see `sinkhorn`; used when this process scores one strip of the pairs.
+
+    The [Bv, Bt, K, K] intermediates have K * K = 4 entries per pair with the released K = 2, which
+    is small next to the token similarities, so this function does not chunk.
 
     Returns:
         [Bv, Bt] scores, differentiable with respect to both sample sets.
@@ -169,7 +190,8 @@ def ot_score(
     if aggregation not in ("max", "inner"):
         raise ValueError(f"aggregation must be 'max' or 'inner', got {aggregation!r}")
     sim = torch.einsum("akd,bld->abkl", video_samples, text_samples)  # [Bv, Bt, K, L]
-    plan = sinkhorn(1.0 - sim, eps=eps, max_iter=max_iter, tol=tol).to(sim.dtype)
+    plan = sinkhorn(1.0 - sim, eps=eps, max_iter=max_iter, tol=tol, sum_across_shards=sum_across_shards)
+    plan = plan.to(sim.dtype)
     weighted = plan * sim  # [Bv, Bt, K, L]
     if aggregation == "inner":
         return weighted.sum(dim=(-2, -1))

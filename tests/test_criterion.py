@@ -379,3 +379,12 @@ def test_distribution_heads_get_gradient_through_ot(ot_mode):
         assert _grad_size(module) > 0.0
         assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
     assert torch.isfinite(video_tokens.grad).all()
+
+
+def test_chunk_size_does_not_change_loss():
+    outputs = make_outputs(seed=12)
+    reference = RetrievalLoss(method="upret")(outputs)
+    chunked = RetrievalLoss(method="upret", chunk_elements=3)(outputs)
+    assert float(chunked["loss"]) == pytest.approx(float(reference["loss"]), rel=1e-6)  # float32 inside
+    with pytest.raises(ValueError, match="chunk_elements"):
+        RetrievalLoss(chunk_elements=0)

@@ -235,8 +235,8 @@ def test_resumed_run_matches_uninterrupted_run(driver, corpus, tmp_path, monkeyp
     # Crash right after the first epoch's checkpoint, then resume.
     real_save = driver.save_checkpoint
 
-    def save_then_crash(state, path):
-        real_save(state, path)
+    def save_then_crash(state, path, **kwargs):
+        real_save(state, path, **kwargs)
         if path.name == "checkpoint_last.pt":
             raise _Crash()
 

@@ -234,3 +234,67 @@ def test_pool_samples_ignores_padding_values():
     assert torch.allclose(pool_samples(samples, mask), pool_samples(changed, mask))
     assert torch.allclose(pool_samples(samples, mask).norm(dim=-1), torch.ones(1, 2))
     assert torch.allclose(pool_samples(samples, mask), F.normalize(samples[:, :, :3].mean(2), dim=-1))
+
+
+def test_distribution_head_checkpointing_same_results():
+    # Dropout is active, so the recomputation must replay the same masks.
+    torch.manual_seed(3)
+    plain = DistributionHead(16, heads=2, dropout=0.3)
+    checkpointed = DistributionHead(16, heads=2, dropout=0.3, checkpoint_activations=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    tokens = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4))
+    results = []
+    for head in (plain, checkpointed):
+        head.train()
+        leaf = tokens.clone().requires_grad_()
+        torch.manual_seed(5)
+        mu, log_sigma = head(leaf)
+        (mu.sin().sum() + log_sigma.cos().sum()).backward()
+        results.append((mu.detach(), log_sigma.detach(), leaf.grad, [p.grad for p in head.parameters()]))
+    (mu, log_sigma, grad, grads), (mu_c, log_sigma_c, grad_c, grads_c) = results
+    assert torch.equal(mu, mu_c)
+    assert torch.equal(log_sigma, log_sigma_c)
+    assert torch.allclose(grad, grad_c, atol=1e-6)
+    for g, g_c in zip(grads, grads_c):
+        assert torch.allclose(g, g_c, atol=1e-6)
+
+
+def test_distribution_head_checkpointing_saves_less():
+    def saved_elements(head: DistributionHead) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel()
+            return tensor
+
+        tokens = torch.randn(2, 6, 16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            mu, log_sigma = head(tokens)
+        return total
+
+    torch.manual_seed(6)
+    plain = DistributionHead(16, heads=2, dropout=0.0)
+    checkpointed = DistributionHead(16, heads=2, dropout=0.0, checkpoint_activations=True)
+    assert saved_elements(checkpointed) < saved_elements(plain) / 4
+
+
+def test_distribution_head_checkpoint_pieces_exact():
+    # Without dropout, pieces of one item give the plain head's results and gradients.
+    torch.manual_seed(7)
+    plain = DistributionHead(16, heads=2, dropout=0.0)
+    pieces = DistributionHead(16, heads=2, dropout=0.0, checkpoint_activations=True, checkpoint_items=1)
+    pieces.load_state_dict(plain.state_dict())
+    tokens = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(8))
+    results = []
+    for head in (plain, pieces):
+        leaf = tokens.clone().requires_grad_()
+        mu, log_sigma = head(leaf)
+        (mu.sin().sum() + log_sigma.cos().sum()).backward()
+        results.append((mu.detach(), log_sigma.detach(), leaf.grad, [p.grad for p in head.parameters()]))
+    (mu, log_sigma, grad, grads), (mu_p, log_sigma_p, grad_p, grads_p) = results
+    assert torch.allclose(mu, mu_p, atol=1e-6)
+    assert torch.allclose(log_sigma, log_sigma_p, atol=1e-6)
+    assert torch.allclose(grad, grad_p, atol=1e-6)
+    for g, g_p in zip(grads, grads_p):
+        assert torch.allclose(g, g_p, atol=1e-6)

@@ -4,6 +4,8 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loop_reference import dot, softmax_average, unit
 from modules.similarity import i2t_similarity, inference_score, t2i_similarity
@@ -172,3 +174,131 @@ def test_inference_score_no_grad():
     video["tokens"].requires_grad_()
     scores = inference_score(video, text)
     assert not scores.requires_grad
+
+
+# Chunked training kernel: gradients, chunk independence and bounded memory.
+
+
+def dense_i2t(video, video_weights, text, tau=TAU, text_mask=None):
+    """Dense [Bv, Bt, Tv, Tt] formulation with autograd, as a gradient reference."""
+    sim = torch.einsum("aid,bjd->abij", F.normalize(video, dim=-1), F.normalize(text, dim=-1))
+    logits = sim / tau
+    if text_mask is not None:
+        logits = logits.masked_fill(~text_mask.bool()[None, :, None, :], -math.inf)
+    return ((logits.softmax(dim=-1) * sim).sum(dim=-1) * video_weights[:, None, :]).sum(dim=-1)
+
+
+def dense_t2i(video, text, text_weights, tau=TAU, video_mask=None):
+    sim = torch.einsum("aid,bjd->abij", F.normalize(video, dim=-1), F.normalize(text, dim=-1))
+    logits = sim / tau
+    if video_mask is not None:
+        logits = logits.masked_fill(~video_mask.bool()[:, None, :, None], -math.inf)
+    return ((logits.softmax(dim=2) * sim).sum(dim=2) * text_weights[None, :, :]).sum(dim=-1)
+
+
+def _gradients(fn, tensors, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    (fn(*leaves) * upstream).sum().backward()
+    return [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 40, None])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_gradients_match_dense(batch, chunk_elements, masked):
+    upstream = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    text_mask = batch["text_mask"] if masked else None
+    video_mask = batch["video_mask"] if masked else None
+
+    def chunked_i2t(v, w, t):
+        return i2t_similarity(v, w, t, text_mask=text_mask, chunk_elements=chunk_elements)
+
+    def chunked_t2i(v, t, w):
+        return t2i_similarity(v, t, w, video_mask=video_mask, chunk_elements=chunk_elements)
+
+    i2t_inputs = (batch["video"], batch["video_weights"], batch["text"])
+    for result, expected in zip(_gradients(chunked_i2t, i2t_inputs, upstream),
+                                _gradients(lambda v, w, t: dense_i2t(v, w, t, text_mask=text_mask), i2t_inputs,
+                                           upstream)):
+        valid = batch["video_weights"] != 0 if result.shape == batch["video_weights"].shape else slice(None)
+        assert torch.allclose(result[valid], expected[valid], atol=1e-10)
+    t2i_inputs = (batch["video"], batch["text"], batch["text_weights"])
+    for result, expected in zip(_gradients(chunked_t2i, t2i_inputs, upstream),
+                                _gradients(lambda v, t, w: dense_t2i(v, t, w, video_mask=video_mask), t2i_inputs,
+                                           upstream)):
+        valid = batch["text_weights"] != 0 if result.shape == batch["text_weights"].shape else slice(None)
+        assert torch.allclose(result[valid], expected[valid], atol=1e-10)
+
+
+def test_chunked_values_independent_of_chunk(batch):
+    reference = loop_i2t(batch["video"], batch["video_weights"], batch["text"])
+    for chunk_elements in (1, 5, 16, 1 << 20):
+        result = i2t_similarity(batch["video"], batch["video_weights"], batch["text"], chunk_elements=chunk_elements)
+        assert torch.allclose(result, reference, atol=1e-10), chunk_elements
+
+
+def test_zero_weight_tokens_get_zero_weight_gradient(batch):
+    weights = batch["video_weights"].clone().requires_grad_()
+    i2t_similarity(batch["video"], weights, batch["text"]).sum().backward()
+    assert torch.all(weights.grad[batch["video_mask"] == 0] == 0)
+    assert torch.all(weights.grad[batch["video_mask"] == 1] != 0)
+
+
+def test_chunked_float32_close_to_float64(batch):
+    expected = loop_t2i(batch["video"], batch["text"], batch["text_weights"])
+    result = t2i_similarity(batch["video"].float(), batch["text"].float(), batch["text_weights"].float(),
+                            chunk_elements=8)
+    assert result.dtype == torch.float32
+    assert torch.allclose(result.double(), expected, atol=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Record the largest number of elements of any tensor produced while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_training_memory_is_chunked():
+    # No tensor of the forward or backward pass may reach Bv * Bt * Tv * Tt elements.
+    generator = torch.Generator().manual_seed(6)
+    num_videos, num_texts, video_len, text_len, dim = 6, 5, 9, 7, 4
+    video = torch.randn(num_videos, video_len, dim, generator=generator, requires_grad=True)
+    text = torch.randn(num_texts, text_len, dim, generator=generator, requires_grad=True)
+    video_weights = torch.full((num_videos, video_len), 1.0 / video_len)
+    text_weights = torch.full((num_texts, text_len), 1.0 / text_len)
+    full_size = num_videos * num_texts * video_len * text_len
+    chunk = 2 * num_texts * text_len
+    with _LargestTensor() as tracker:
+        scores = i2t_similarity(video, video_weights, text, chunk_elements=chunk)
+        scores = scores + t2i_similarity(video, text, text_weights, chunk_elements=chunk)
+        scores.sum().backward()
+    assert tracker.largest <= 2 * num_videos * video_len * text_len  # the largest chunk has one item more
+    assert tracker.largest < full_size // 2
+    with _LargestTensor() as tracker:
+        dense_i2t(video, video_weights, text).sum().backward()
+    assert tracker.largest == full_size
+
+
+def test_inference_memory_bounded_by_block():
+    video, text = _gallery(7, 6, seed=4)
+    video = {k: v.float() for k, v in video.items()}
+    text = {k: v.float() for k, v in text.items()}
+    with _LargestTensor() as tracker:
+        scores = inference_score(video, text, block_size=2)
+    assert tracker.largest <= max(2 * 2 * 5 * 4, 7 * 5 * 6)  # one block, or the input features
+    expected = 0.5 * loop_i2t(video["tokens"], video["weights"], text["tokens"])
+    expected += 0.5 * loop_t2i(video["tokens"], text["tokens"], text["weights"])
+    assert torch.allclose(scores.double(), expected, atol=1e-5)
+
+
+def test_invalid_chunk_raises(batch):
+    with pytest.raises(ValueError, match="chunk_elements"):
+        i2t_similarity(batch["video"], batch["video_weights"], batch["text"], chunk_elements=0)
