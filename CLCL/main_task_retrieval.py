@@ -34,15 +34,18 @@ from torch.utils.data import DataLoader  # noqa: E402
 from dataloaders.annotations import InvalidItem, Split, find_invalid_records, load_split  # noqa: E402
 from dataloaders.features import FeatureReader, diagnose_feature_root  # noqa: E402
 from dataloaders import validation  # noqa: E402
+from dataloaders.safe_pickle import UnsafePickleError  # noqa: E402
 from dataloaders.retrieval import EvalTextDataset, EvalVideoDataset, TrainDataset, drop_videos_without_features  # noqa: E402
 from dataloaders.text import ClipTokenizer  # noqa: E402
 from modules import distributed as du  # noqa: E402
 from modules.checkpoint import (  # noqa: E402
     BEST_NAME,
+    CheckpointError,
     LAST_NAME,
     PREV_NAME,
     capture_rng_state,
     find_latest_checkpoint,
+    load_checkpoint,
     load_model_weights,
     load_training_checkpoint,
     model_state_from,
@@ -58,6 +61,7 @@ from modules.logger import setup_logging  # noqa: E402
 from modules.metrics import format_metrics_table  # noqa: E402
 from modules.model import RetrievalModel  # noqa: E402
 from modules.optimization import build_optimizer, build_scheduler, freeze_text_embeddings  # noqa: E402
+from modules.similarity import DEFAULT_CHUNK_ELEMENTS  # noqa: E402
 
 logger = logging.getLogger("upret")
 
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--sharded_loss", action=bool_flag, default=True,
                       help="with several processes, score only this process's videos against all gathered texts "
                            "(B_local x B_global pairs); the loss and gradients equal the global-batch loss")
-    loss.add_argument("--similarity_chunk", type=int, default=1 << 22,
+    loss.add_argument("--similarity_chunk", type=int, default=DEFAULT_CHUNK_ELEMENTS,
                       help="similarity entries per chunk of the token-wise similarity in training (memory bound; "
                            "the result does not depend on it)")
 
@@ -247,7 +251,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if config_path is None or not config_path.is_file():
             parser.error(f"config file not found: {known.config}")
         with open(config_path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            try:
+                values = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                parser.error(f"{config_path} is not valid YAML: {error}")
         if not isinstance(values, dict):
             parser.error(f"{config_path} must contain a mapping of flag names to values")
         actions = {action.dest: action for action in parser._actions if action.option_strings}
@@ -459,6 +466,32 @@ def build_model(args: argparse.Namespace) -> RetrievalModel:
             logger.warning("the text token and positional embeddings are random and frozen; pass "
                            "--train_text_embeddings when training without a CLIP file")
     return model
+
+
+def load_init_model(model: RetrievalModel, args: argparse.Namespace) -> None:
+    """Load ``--init_model`` into ``model``.
+
+    Raises:
+        CheckpointError: the weights do not fit the model built from the flags; the message lists the
+            model flags whose values differ from the configuration saved in the checkpoint.
+    """
+    path = resolve_path(args.init_model)
+    try:
+        load_model_weights(model, path)
+    except RuntimeError as error:
+        if not str(error).startswith("Error(s) in loading state_dict"):
+            raise
+        saved = json.loads(load_checkpoint(path).get("config_json", "{}"))
+        model_flags = (*CLIP_KEYS, "feature_len", "method", "dist_heads", "pretrained_clip_name")
+        differing = [f"--{key} {saved[key]}" for key in model_flags
+                     if key in saved and str(saved[key]) != str(getattr(args, key))]
+        hint = (f"It was trained with {' '.join(differing)}; pass the same flags." if differing else
+                "Build the model with the flags it was trained with (its run folder has config.yaml).")
+        # torch lists every differing tensor, so only the start of its first detail line is kept.
+        details = str(error).splitlines()[1:] or [""]
+        first = details[0].strip()
+        first = first if len(first) <= 150 else first[:150] + " ..."
+        raise CheckpointError(f"{path} does not fit the model built from these flags ({first}). {hint}") from None
 
 
 class Data:
@@ -815,7 +848,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         data = Data(args)
         model = build_model(args).to(dist_info.device)
         if args.init_model:
-            load_model_weights(model, resolve_path(args.init_model))
+            load_init_model(model, args)
             logger.info("initialised the model from %s", args.init_model)
         elif args.do_eval and not args.do_train:
             logger.warning("evaluating without --init_model: the heads (and the towers without a CLIP file) are "
@@ -851,5 +884,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         du.cleanup_distributed()
 
 
+def run_cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Run :func:`main` as a command and return its exit status.
+
+    Missing files, unreadable checkpoints and unsafe pickles come from the user's flags, and their
+    messages already name the file and the fix, so they end the command with that message (also in
+    ``log.txt``) and status 1 instead of a traceback. Any other exception keeps its traceback.
+    """
+    try:
+        main(argv)
+    except (FileNotFoundError, CheckpointError, UnsafePickleError) as error:
+        logger.error("%s: %s", type(error).__name__, error)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli())

@@ -162,6 +162,42 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class _QuickGELUProjection(torch.autograd.Function):
+    """``linear(QuickGELU(hidden), weight, bias)`` that keeps only ``hidden`` for backward.
+
+    Autograd's composition keeps three [..., 4 * width] tensors per block (the hidden layer, its sigmoid
+    and the activation fed to ``c_proj``). This keeps the hidden layer alone and recomputes the rest in
+    backward, one elementwise pass, which cuts the transformers' activation memory by about a third.
+    The forward pass runs the same operations as :class:`QuickGELU` followed by ``F.linear``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        activation = hidden * torch.sigmoid(1.702 * hidden)
+        ctx.save_for_backward(hidden, weight)
+        ctx.bias_dtype = bias.dtype
+        # Under autocast F.linear casts the weight itself; the explicit cast covers the disabled case.
+        return F.linear(activation, weight.to(activation.dtype), bias.to(activation.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        hidden, weight = ctx.saved_tensors
+        gate = torch.sigmoid(1.702 * hidden)
+        grad_output = grad_output.to(hidden.dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_activation = grad_output @ weight.to(hidden.dtype)
+            # d/dh [h * sigmoid(a h)] = s + a h s (1 - s), with s = sigmoid(a h) and a = 1.702.
+            grad_hidden = grad_activation * (gate * (1.0 + 1.702 * hidden * (1.0 - gate)))
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1]:
+            activation = (hidden * gate).reshape(-1, hidden.shape[-1])
+            grad_weight = (flat_grad.t() @ activation).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA.
 
@@ -219,12 +255,21 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(4 * width, width)),
         ]))
         self.ln_2 = LayerNorm(width)
+        # Recompute the MLP activation in backward instead of storing it (same values, less memory).
+        # A plain attribute, so state dicts are unchanged; the benchmark turns it off for its baseline.
+        self.recompute_activation = True
 
     def forward(self, x: torch.Tensor, causal: bool = False,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Map x [B, N, width] to [B, N, width]. key_padding_mask [B, N] is True (1) for valid keys."""
         x = x + self.attn(self.ln_1(x), causal=causal, key_padding_mask=key_padding_mask)
-        return x + self.mlp(self.ln_2(x))
+        return x + self._mlp(self.ln_2(x))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.recompute_activation and torch.is_grad_enabled()):
+            return self.mlp(x)
+        hidden = self.mlp.c_fc(x)
+        return _QuickGELUProjection.apply(hidden, self.mlp.c_proj.weight, self.mlp.c_proj.bias)
 
 
 class Transformer(nn.Module):

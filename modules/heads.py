@@ -3,7 +3,7 @@
 Shapes use B for the batch, T for the token positions, D for the embedding width and K for the
 number of Monte-Carlo samples. Masks are 1 (or True) at valid positions and 0 at padding.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -206,11 +206,64 @@ def gaussian_noise(
     return torch.randn(tuple(shape), dtype=like.dtype, device=like.device, generator=generator)
 
 
+class _ReplayedNoise(torch.autograd.Function):
+    """``exp(log_sigma)[:, None] * noise`` that draws the noise again in backward instead of storing it.
+
+    ``draw`` returns the same noise each time it is called (it restores a saved generator state), so
+    the gradient equals autograd's while only ``log_sigma``, which the caller keeps anyway, is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, log_sigma: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        ctx.draw = draw
+        ctx.save_for_backward(log_sigma)
+        return log_sigma.exp().unsqueeze(1) * draw()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:
+        (log_sigma,) = ctx.saved_tensors
+        grad = (grad_output * ctx.draw()).sum(dim=1) * log_sigma.exp()
+        return grad, None
+
+
+def _replayable_draw(shape: Sequence[int], like: torch.Tensor,
+                     generator: Optional[torch.Generator]) -> Callable[[], torch.Tensor]:
+    """Return a function that draws the noise of `shape` that `gaussian_noise` draws now, every time it runs.
+
+    The caller's generator (or the global one) advances by one draw, as with a direct call.
+    """
+    if generator is not None:
+        state = generator.get_state()
+        gaussian_noise(shape, like, generator)  # advances the generator as a direct draw would
+
+        def draw() -> torch.Tensor:
+            replay = torch.Generator(device=like.device)
+            replay.set_state(state)
+            return gaussian_noise(shape, like, replay)
+
+        return draw
+
+    devices = [like.device] if like.device.type == "cuda" else []
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(like.device) if devices else None
+    gaussian_noise(shape, like, None)  # advances the global generator as a direct draw would
+
+    def draw() -> torch.Tensor:
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, like.device)
+            return gaussian_noise(shape, like, None)
+
+    return draw
+
+
 def sample_gaussian(
     mu: torch.Tensor,
     log_sigma: torch.Tensor,
     num_samples: int,
     generator: Optional[torch.Generator] = None,
+    replay_noise: bool = False,
 ) -> torch.Tensor:
     """Draw reparameterised samples of per-token diagonal Gaussians.
 
@@ -223,6 +276,9 @@ def sample_gaussian(
         log_sigma: [B, T, D] log standard deviations.
         num_samples: K >= 1, the number of samples including the mean.
         generator: optional random generator for the noise.
+        replay_noise: draw the noise again in backward instead of keeping it, which saves one
+            [B, K - 1, T, D] tensor and one [B, T, D] tensor. The values and gradients are the same,
+            provided `gaussian_noise` returns the same noise for the same generator state.
 
     Returns:
         [B, K, T, D] samples.
@@ -233,6 +289,9 @@ def sample_gaussian(
     if num_samples == 1:
         return mean
     noise_shape = (mu.shape[0], num_samples - 1) + tuple(mu.shape[1:])
+    if replay_noise and torch.is_grad_enabled():
+        stochastic = mean + _ReplayedNoise.apply(log_sigma, _replayable_draw(noise_shape, mu, generator))
+        return torch.cat([mean, stochastic], dim=1)
     noise = gaussian_noise(noise_shape, mu, generator)  # [B, K-1, T, D]
     stochastic = mean + log_sigma.exp().unsqueeze(1) * noise
     return torch.cat([mean, stochastic], dim=1)

@@ -104,8 +104,10 @@ class RetrievalModel(nn.Module):
             out["weights"] = self.video_weight_fc(tokens, mask)
             if with_distribution:
                 mu, log_sigma = self.video_dist_head(tokens)
-                samples = sample_gaussian(mu, log_sigma, self.sample_num)  # [B, K, 1 + L, D]
-                out["samples"] = pool_samples(samples, mask)  # [B, K, D]
+                # With checkpointed heads the noise is drawn again in backward as well.
+                samples = sample_gaussian(mu, log_sigma, self.sample_num,
+                                          replay_noise=self.video_dist_head.checkpoint_activations)
+                out["samples"] = pool_samples(samples, mask)  # samples [B, K, 1 + L, D] -> [B, K, D]
                 out["log_sigma"] = log_sigma
         return out
 
@@ -132,8 +134,9 @@ class RetrievalModel(nn.Module):
             out["weights"] = self.text_weight_fc(tokens, mask)
             if with_distribution:
                 mu, log_sigma = self.text_dist_head(tokens)
-                samples = sample_gaussian(mu, log_sigma, self.sample_num)  # [B, K, Lt, D]
-                out["samples"] = pool_samples(samples, text_pool_mask(mask))  # [B, K, D]
+                samples = sample_gaussian(mu, log_sigma, self.sample_num,
+                                          replay_noise=self.text_dist_head.checkpoint_activations)
+                out["samples"] = pool_samples(samples, text_pool_mask(mask))  # [B, K, Lt, D] -> [B, K, D]
                 out["log_sigma"] = log_sigma
         return out
 

@@ -31,9 +31,10 @@ __all__ = ["i2t_similarity", "t2i_similarity", "inference_score", "DEFAULT_CHUNK
 
 DEFAULT_TAU = 0.07
 
-# Similarity entries per chunk: 2^22 float32 values are 16 MiB, and a chunk needs about four
-# tensors of that size at once in backward. Larger chunks mean fewer, larger matrix products.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Similarity entries per chunk: 2^21 float32 values are 8 MiB, and a chunk needs about four
+# tensors of that size at once in backward. Larger chunks mean fewer, larger matrix products; at
+# ViT-B/32 sizes a chunk of 2^21 entries still covers about 250 query tokens against a 128-video batch.
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 # exp(-x) stays a normal float32 number for x below about 87; a margin keeps sums of such terms exact.
 _SAFE_EXP_RANGE = 80.0

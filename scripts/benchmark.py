@@ -177,8 +177,9 @@ class Head(nn.Module):
         generator = torch.Generator(device=video.device).manual_seed(seed)
         video_mu, video_log_sigma = self.video_distribution(video)
         text_mu, text_log_sigma = self.text_distribution(text_aug)
-        video_samples = sample_gaussian(video_mu, video_log_sigma, SAMPLES, generator=generator)
-        text_samples = sample_gaussian(text_mu, text_log_sigma, SAMPLES, generator=generator)
+        replay = self.video_distribution.checkpoint_activations
+        video_samples = sample_gaussian(video_mu, video_log_sigma, SAMPLES, generator=generator, replay_noise=replay)
+        text_samples = sample_gaussian(text_mu, text_log_sigma, SAMPLES, generator=generator, replay_noise=replay)
         return {
             "video": {"tokens": video, "mask": video_mask, "weights": self.video_weight(video, video_mask),
                       "samples": pool_samples(video_samples, video_mask), "log_sigma": video_log_sigma},
@@ -316,6 +317,13 @@ def _train_setup(spec: Dict[str, Any], device: torch.device):
     model = RetrievalModel(config, method="upret", dist_heads=8 if config.embed_dim % 8 == 0 else 2).to(device)
     # The driver's defaults: --checkpoint_heads is off, because at this batch the towers' activations
     # dominate the memory and the recomputation would only cost time.
+    if spec["impl"] == "dense":
+        # The released towers keep autograd's QuickGELU activations; the project recomputes them.
+        from modules.clip import ResidualAttentionBlock
+
+        for block in model.modules():
+            if isinstance(block, ResidualAttentionBlock):
+                block.recompute_activation = False
     model.train()
     optimizer = build_optimizer(model)
     batch = spec["batch"]

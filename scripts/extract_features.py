@@ -98,7 +98,8 @@ def list_videos(input_path: Path) -> list[VideoJob]:
                 for child in sorted(input_path.iterdir()) if is_video_source(child)]
         if not jobs:
             raise ValueError(f"no videos in {input_path}: expected video files ({', '.join(VIDEO_EXTENSIONS)}) or "
-                             "sub-folders of numbered frame images")
+                             "sub-folders of numbered frame images. Deeper folders are not searched: pass each "
+                             "folder of videos on its own, or a list file with one video path per line")
     elif input_path.is_file():
         jobs = []
         for line_number, line in enumerate(input_path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -298,6 +299,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--resize {args.resize} must be at least --crop {args.crop}, and both positive")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be positive, got {args.batch_size}")
+    if not args.width_mult > 0:
+        parser.error(f"--width_mult must be positive, got {args.width_mult}")
     if args.precision == "bf16" and args.device == "cpu":
         parser.error("--precision bf16 is meant for CUDA; use fp32 on the CPU")
     return args
@@ -320,9 +323,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VideoOutcome]:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
 
-    jobs = list_videos(args.input)
+    try:
+        jobs = list_videos(args.input)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     out_folder = args.features_root / args.split
-    model = build_i3d(args.i3d_checkpoint, width_mult=args.width_mult, allow_partial=args.allow_partial).to(device)
+    try:
+        model = build_i3d(args.i3d_checkpoint, width_mult=args.width_mult, allow_partial=args.allow_partial)
+    except (FileNotFoundError, ValueError) as error:
+        # A missing or unreadable weight file: the message names it and the fix.
+        raise SystemExit(f"error: {error}") from None
+    model = model.to(device)
     if args.random_init:
         logger.warning("the I3D is randomly initialised: these features carry no sign information")
     summary = describe(model)

@@ -1,6 +1,6 @@
 """Pack per-video feature pickles into one memory-mapped array per split, with no pickle left to load.
 
-    python scripts/pack_features.py --src data/sign_feature/ph_domain_agnostic \
+    python scripts/pack_features.py --src data/sign_feature/ph_domain_agnostic \\
         --dst data/sign_feature_packed/ph_domain_agnostic --splits train dev test
 
 For each split, ``<src>/<split>/*.pkl`` becomes ``<dst>/<split>/features.npy`` (float32
@@ -52,8 +52,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not (src / split).is_dir():
             print(f"{split}: no folder {src / split}, skipped")
             continue
-        report = pack_split(src, split, dst, channels=args.channels or None, skip_invalid=args.skip_invalid,
-                            progress=not args.no_progress)
+        try:
+            report = pack_split(src, split, dst, channels=args.channels or None, skip_invalid=args.skip_invalid,
+                                progress=not args.no_progress)
+        except ValueError as error:
+            # An invalid feature file is the user's data, and the message names it, so no traceback.
+            hint = "" if args.skip_invalid else "; or pass --skip_invalid to leave invalid files out"
+            print(f"error: {split}: {error}{hint}", file=sys.stderr)
+            return 1
         packed += 1
         print(f"{split}: {report.num_videos} videos, {report.num_clips} clips of {report.channels} channels "
               f"-> {report.folder}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,7 +27,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     """Read ``results.json`` of a run folder written by ``CLCL/main_task_retrieval.py``."""
     path = run_dir / "results.json"
     if not path.is_file():
-        raise FileNotFoundError(f"results.json not found in {run_dir}; is it a finished run folder?")
+        raise FileNotFoundError(f"results.json not found in {run_dir}; pass the folder of a finished training "
+                                "run (an evaluation-only run writes eval_<split>.json instead)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -88,4 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")

@@ -39,7 +39,7 @@ from dataloaders.annotations import SentenceRecord, VideoRecord, read_annotation
 from dataloaders.features import PACKED_INDEX, FeatureReader  # noqa: E402
 from dataloaders.retrieval import EvalTextDataset, EvalVideoDataset  # noqa: E402
 from dataloaders.text import ClipTokenizer  # noqa: E402
-from modules.checkpoint import BEST_NAME, load_checkpoint, model_state_from, save_checkpoint  # noqa: E402
+from modules.checkpoint import BEST_NAME, CheckpointError, load_checkpoint, model_state_from, save_checkpoint  # noqa: E402
 from modules.clip import CLIPConfig, config_from_state_dict  # noqa: E402
 from modules.engine import autocast_context  # noqa: E402
 from modules.model import RetrievalModel  # noqa: E402
@@ -431,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
         raise SystemExit(f"--top_k must be positive, got {args.top_k}")
+    if args.video and args.annotations is None:
+        raise SystemExit("error: --video ranks the sentences of an annotation file: pass --annotations PATH "
+                         "(an annotation pickle)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
     if args.device == "auto":
@@ -448,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         if kind == "text":
             answer = search_text(searcher, videos, text, args.top_k)
         else:
+            if args.annotations is None:
+                logger.error("skipped 'video:%s': a video query needs --annotations PATH (an annotation pickle)", text)
+                continue
             sentences = sentences if sentences is not None else sentence_index(searcher, args)
             try:
                 answer = search_video(searcher, videos, sentences, text, args.top_k)
@@ -464,4 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, CheckpointError) as error:
+        # The message names the file and the fix, so the command ends with it instead of a traceback.
+        sys.exit(f"error: {error}")

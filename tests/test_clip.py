@@ -13,7 +13,9 @@ from modules.clip import (
     CLIPConfig,
     FeatureTransformer,
     LayerNorm,
+    ResidualAttentionBlock,
     SelfAttention,
+    _QuickGELUProjection,
     build_clip,
     config_from_state_dict,
     load_openai_weights,
@@ -409,3 +411,79 @@ def test_video_mask_cls_or_empty_rejected():
     mask[0, 0] = 1
     with pytest.raises(ValueError, match="CLS"):
         model.encode_video(video, mask)
+
+
+def _block_pair(width: int = 16, heads: int = 2):
+    """Return two ResidualAttentionBlocks with equal weights: MLP activation recomputed and stored."""
+    torch.manual_seed(0)
+    recomputed = ResidualAttentionBlock(width, heads)
+    stored = ResidualAttentionBlock(width, heads)
+    stored.load_state_dict(recomputed.state_dict())
+    stored.recompute_activation = False
+    return recomputed, stored
+
+
+def test_recomputed_mlp_matches_autograd():
+    recomputed, stored = _block_pair()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    recomputed.double()
+    stored.double()
+    x_recomputed = x.clone().requires_grad_()
+    x_stored = x.clone().requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+
+    out_recomputed = recomputed(x_recomputed, key_padding_mask=mask)
+    out_stored = stored(x_stored, key_padding_mask=mask)
+    grad = torch.randn_like(out_stored)
+    out_recomputed.backward(grad)
+    out_stored.backward(grad)
+
+    assert torch.equal(out_recomputed, out_stored)
+    torch.testing.assert_close(x_recomputed.grad, x_stored.grad, rtol=1e-12, atol=1e-12)
+    for name, parameter in stored.named_parameters():
+        other = dict(recomputed.named_parameters())[name]
+        torch.testing.assert_close(other.grad, parameter.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_recomputed_mlp_gradcheck():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_QuickGELUProjection.apply, (hidden, weight, bias))
+
+
+def test_recomputed_mlp_keeps_fewer_activations():
+    def saved_elements(block: ResidualAttentionBlock, x: torch.Tensor) -> int:
+        sizes = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if not isinstance(tensor, nn.Parameter):
+                sizes.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            block(x.clone().requires_grad_())
+        return sum(sizes)
+
+    recomputed, stored = _block_pair(width=32, heads=2)
+    x = torch.randn(2, 7, 32)
+    hidden_numel = 2 * 7 * 4 * 32
+    # Autograd keeps the hidden layer, its sigmoid and the activation; the recomputing block only the first.
+    assert saved_elements(stored, x) - saved_elements(recomputed, x) >= 2 * hidden_numel
+
+
+def test_recomputed_mlp_under_bf16_autocast():
+    recomputed, stored = _block_pair()
+    x = torch.randn(2, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_recomputed = recomputed(x.clone().requires_grad_())
+        out_stored = stored(x.clone().requires_grad_())
+    assert out_recomputed.dtype == out_stored.dtype
+    torch.testing.assert_close(out_recomputed, out_stored)
+    out_recomputed.float().sum().backward()
+    out_stored.float().sum().backward()
+    for name, parameter in stored.named_parameters():
+        other = dict(recomputed.named_parameters())[name]
+        assert other.grad.dtype == torch.float32
+        torch.testing.assert_close(other.grad, parameter.grad, rtol=2e-2, atol=2e-2, msg=name)

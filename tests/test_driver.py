@@ -131,6 +131,21 @@ def test_eval_only_from_checkpoint(driver, corpus, tmp_path):
     assert not (eval_dir / "results.json").exists()
 
 
+def test_init_model_shape_mismatch_named(driver, corpus, tmp_path):
+    from modules.checkpoint import CheckpointError, save_checkpoint
+
+    # A checkpoint of a wider model: only its weights and saved configuration matter here.
+    wide = _data_args(corpus, tmp_path / "wide") + ["--do_eval", "--embed_dim", "32", "--text_width", "32"]
+    wide_args = driver.parse_args(wide)
+    path = tmp_path / "wide.pt"
+    save_checkpoint({"model": driver.build_model(wide_args).state_dict(),
+                     "config_json": json.dumps(vars(wide_args), default=str)}, path)
+
+    with pytest.raises(CheckpointError, match="does not fit the model") as error:
+        driver.main(_data_args(corpus, tmp_path / "eval") + ["--do_eval", "--init_model", str(path)])
+    assert "It was trained with --embed_dim 32 --text_width 32; pass the same flags." in str(error.value)
+
+
 def test_eval_only_keeps_training_results(driver, corpus, tmp_path):
     run_dir = tmp_path / "run"
     driver.main(_data_args(corpus, run_dir) + ["--do_train", "--epochs", "1", "--batch_size", "8"])
@@ -172,6 +187,14 @@ def test_unknown_config_key_rejected(driver, tmp_path, capsys):
     with pytest.raises(SystemExit):
         driver.parse_args(["--config", str(config), "--do_train"])
     assert "unknown keys" in capsys.readouterr().err
+
+
+def test_config_syntax_error_rejected(driver, tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("epochs: [1\n")
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--config", str(config), "--do_train"])
+    assert f"{config} is not valid YAML" in capsys.readouterr().err
 
 
 def test_alpha_out_of_range_rejected(driver, corpus, tmp_path, capsys):
@@ -223,6 +246,16 @@ def test_missing_feature_file_fails_before_training(driver, corpus, tmp_path):
         driver.main(_data_args(copy, output_dir) + ["--do_train", "--epochs", "1", "--batch_size", "8"])
     assert victim.name in str(error.value)
     assert not (output_dir / "checkpoint_last.pt").exists()
+
+
+def test_cli_missing_checkpoint_exits_cleanly(driver, corpus, tmp_path):
+    output_dir = tmp_path / "run"
+    missing = tmp_path / "absent.pt"
+    status = driver.run_cli(_data_args(corpus, output_dir) + ["--do_eval", "--init_model", str(missing)])
+    assert status == 1
+    log = (output_dir / "log.txt").read_text()
+    assert f"FileNotFoundError: checkpoint not found: {missing}" in log
+    assert "Traceback" not in log
 
 
 class _Crash(Exception):

@@ -160,3 +160,20 @@ def test_single_video_inputs(shared_data):
     frame_folder = shared_data / CLIPS["25October_2010_Monday_tagesschau-17"]
     jobs = extract.list_videos(frame_folder)
     assert [(job.name, job.source) for job in jobs] == [("25October_2010_Monday_tagesschau-17", frame_folder)]
+
+
+def test_nested_folder_message(shared_data, tmp_path, capsys):
+    # The shared videos folder has one sub-folder per dataset and no video directly inside it.
+    with pytest.raises(SystemExit) as error:
+        extract.main([str(shared_data / "videos"), "--split", "test", "--features_root", str(tmp_path), *TINY])
+    assert str(error.value).startswith(f"error: no videos in {shared_data / 'videos'}")
+    assert "list file" in str(error.value)
+    assert not (tmp_path / "test").exists()
+
+
+def test_missing_checkpoint_message(shared_data, tmp_path):
+    video = shared_data / CLIPS["test_video"]
+    with pytest.raises(SystemExit) as error:
+        extract.main([str(video), "--split", "test", "--features_root", str(tmp_path),
+                      "--i3d_checkpoint", str(tmp_path / "absent.pth.tar")])
+    assert str(error.value).startswith(f"error: I3D checkpoint not found: {tmp_path / 'absent.pth.tar'}")

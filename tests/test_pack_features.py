@@ -163,3 +163,19 @@ def test_pack_script_cli(pickles, tmp_path: Path, capsys) -> None:
     rows = read_invalid_list(tmp_path / "dst" / "train" / "invalid_items.tsv")
     assert [row["video_name"] for row in rows] == ["v_inf"]
     assert "NaN or infinite" in rows[0]["reason"]
+
+
+def test_pack_script_invalid_message(pickles, tmp_path: Path, capsys) -> None:
+    root, _ = pickles
+    (root / "train" / "v_cut.pkl").write_bytes(b"\x80\x04\x95")
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    script = importlib.import_module("pack_features")
+    code = script.main(["--src", str(root), "--dst", str(tmp_path / "dst"), "--splits", "train",
+                        "--channels", "8", "--no_progress"])
+
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: train: ")
+    assert str(root / "train" / "v_cut.pkl") in error
+    assert "--skip_invalid" in error

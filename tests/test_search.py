@@ -207,6 +207,20 @@ def test_stdin_queries(corpus, upret_checkpoint, monkeypatch, capsys):
     assert "video query: test_video" in output
 
 
+def test_video_query_needs_annotations(tmp_path):
+    # The check runs before the checkpoint is read, so a missing checkpoint is not reported first.
+    with pytest.raises(SystemExit, match="--video .* pass --annotations PATH"):
+        search.main(["--checkpoint", str(tmp_path / "absent.pt"), "--video", "test_video"])
+
+
+def test_stdin_video_without_annotations(corpus, upret_checkpoint, monkeypatch, caplog):
+    folder, captions = corpus
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(f"video:test_video\n{captions['test_video']}\n"))
+    answers = search.main(["--checkpoint", str(upret_checkpoint), "--top_k", "2"])
+    assert [answer["type"] for answer in answers] == ["text"]
+    assert "skipped 'video:test_video': a video query needs --annotations" in caplog.text
+
+
 def test_cico_has_no_uncertainty(corpus):
     folder, captions = corpus
     checkpoint = _train(folder, "cico")
