@@ -472,8 +472,8 @@ def load_init_model(model: RetrievalModel, args: argparse.Namespace) -> None:
     """Load ``--init_model`` into ``model``.
 
     Raises:
-        CheckpointError: the weights do not fit the model built from the flags; the message lists the
-            model flags whose values differ from the configuration saved in the checkpoint.
+        CheckpointError: the weights do not fit the model built from the flags. The message lists
+            the model flags whose values differ from the configuration saved in the checkpoint.
     """
     path = resolve_path(args.init_model)
     try:
@@ -546,8 +546,9 @@ class Data:
         """
         split = self.split(name)
         if split.num_videos == 0:
-            raise ValueError(f"the {name} split of {self.data_path} has no videos with features; check the "
-                             f"annotation files and <features root>/{split.feature_subset}")
+            raise validation.InvalidDataError(
+                f"the {name} split of {self.data_path} has no videos with features; check the annotation files "
+                f"and <features root>/{split.feature_subset}")
         if (name, train) in self._checked:
             return
         readers = list(dict.fromkeys(self.readers(split, train=train)))
@@ -591,15 +592,16 @@ class Data:
         """List the invalid items in the run folder, then leave them out (--skip_invalid) or raise."""
         self._record_invalid(split.name, invalid)
         if not self.args.skip_invalid:
-            raise ValueError(validation.format_invalid_error(what, split.name, invalid, total, self.invalid_list_path,
-                                                             hint))
+            raise validation.InvalidDataError(
+                validation.format_invalid_error(what, split.name, invalid, total, self.invalid_list_path, hint))
         validation.log_invalid_items(split.name, invalid, self.invalid_list_path)
         split.records = validation.drop_invalid_items(split.records, invalid)
         logger.warning("%s split: left out %d invalid items (listed in %s); %d sentences with %d videos remain",
                        split.name, len(invalid), self.invalid_list_path, len(split.records), split.num_videos)
         if not split.records:
-            raise ValueError(f"no valid sentence is left in the {split.name} split after leaving out {len(invalid)} "
-                             f"invalid items (listed in {self.invalid_list_path}). {hint}".strip())
+            raise validation.InvalidDataError(
+                f"no valid sentence is left in the {split.name} split after leaving out {len(invalid)} invalid items "
+                f"(listed in {self.invalid_list_path}). {hint}".strip())
 
     def train_dataset(self) -> TrainDataset:
         split = self.split("train")
@@ -734,6 +736,9 @@ def train(args: argparse.Namespace, model: RetrievalModel, data: Data, dist_info
         previous_best = resume_path.parent / BEST_NAME
         if dist_info.is_main and previous_best.is_file() and previous_best.resolve() != (output_dir / BEST_NAME).resolve():
             shutil.copy2(previous_best, output_dir / BEST_NAME)
+    elif dist_info.is_main and (output_dir / LAST_NAME).is_file():
+        logger.warning("%s already has %s of an earlier run; this new run replaces its checkpoints (pass --resume "
+                       "latest to continue that run instead, or choose another --output_dir)", output_dir, LAST_NAME)
 
     if dist_info.distributed:
         ddp_kwargs = {"device_ids": [dist_info.local_rank]} if dist_info.device.type == "cuda" else {}
@@ -887,13 +892,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     """Run :func:`main` as a command and return its exit status.
 
-    Missing files, unreadable checkpoints and unsafe pickles come from the user's flags, and their
-    messages already name the file and the fix, so they end the command with that message (also in
-    ``log.txt``) and status 1 instead of a traceback. Any other exception keeps its traceback.
+    Missing files, unreadable checkpoints, invalid data and unsafe pickles come from the user's flags
+    and files, and their messages already name the file and the fix. So they end the command with that
+    message (also in ``log.txt``) and status 1 instead of a traceback. Any other exception keeps its
+    traceback.
     """
     try:
         main(argv)
-    except (FileNotFoundError, CheckpointError, UnsafePickleError) as error:
+    except (FileNotFoundError, CheckpointError, UnsafePickleError, validation.InvalidDataError) as error:
         logger.error("%s: %s", type(error).__name__, error)
         return 1
     return 0

@@ -27,6 +27,10 @@ INVALID_LIST_NAME = "invalid_items.tsv"
 INVALID_LIST_COLUMNS = ("split", "sentence_id", "video_name", "file", "reason")
 MISSING_REASON = "feature file not found"
 
+
+class InvalidDataError(ValueError):
+    """Invalid annotations or feature files of a split; the message names the items and the fix."""
+
 # Invalid items logged one by one; beyond this many, the log gives only their count.
 MAX_LOGGED_ITEMS = 100
 # Items named in an error message.

@@ -182,19 +182,20 @@ class _QuickGELUProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         hidden, weight = ctx.saved_tensors
-        gate = torch.sigmoid(1.702 * hidden)
+        gate = torch.mul(hidden, 1.702).sigmoid_()
+        activation = hidden * gate
         grad_output = grad_output.to(hidden.dtype)
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_activation = grad_output @ weight.to(hidden.dtype)
-            # d/dh [h * sigmoid(a h)] = s + a h s (1 - s), with s = sigmoid(a h) and a = 1.702.
-            grad_hidden = grad_activation * (gate * (1.0 + 1.702 * hidden * (1.0 - gate)))
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            activation = (hidden * gate).reshape(-1, hidden.shape[-1])
-            grad_weight = (flat_grad.t() @ activation).to(weight.dtype)
+            grad_weight = (flat_grad.t() @ activation.reshape(-1, hidden.shape[-1])).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            # d/dh [h * s] = s + a * (h * s) * (1 - s), with s = sigmoid(a h) and a = 1.702. The
+            # in-place steps reuse the two recomputed buffers instead of allocating new ones.
+            derivative = torch.rsub(gate, 1.0).mul_(activation).mul_(1.702).add_(gate)
+            grad_hidden = (grad_output @ weight.to(hidden.dtype)).mul_(derivative)
         return grad_hidden, grad_weight, grad_bias
 
 

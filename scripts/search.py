@@ -200,8 +200,12 @@ def list_feature_videos(reader: FeatureReader) -> list[str]:
         return sorted(reader.packed.videos)
     folder = reader.root / reader.subset
     if not folder.is_dir():
+        hint = ""
+        if (reader.root / PACKED_INDEX).is_file() or any(reader.root.glob("*.pkl")):
+            hint = (f". {reader.root} itself has feature files, so it looks like a split folder: pass "
+                    f"--features_root {reader.root.parent} --split {reader.root.name}")
         raise FileNotFoundError(f"feature folder not found: {folder}; pass --features_root and --split so that "
-                                "<features_root>/<split>/<video_name>.pkl exists")
+                                f"<features_root>/<split>/<video_name>.pkl exists{hint}")
     names = sorted(path.stem for path in folder.glob("*.pkl"))
     if not names:
         raise FileNotFoundError(f"no feature files (*.pkl or {PACKED_INDEX}) in {folder}")

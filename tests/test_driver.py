@@ -117,6 +117,15 @@ def test_resume_latest_continues(driver, corpus, tmp_path):
     assert resumed["step"] == 3 * (32 // 8)
 
 
+def test_new_run_warns_on_old_checkpoint(driver, corpus, tmp_path):
+    output_dir = tmp_path / "run"
+    args = _data_args(corpus, output_dir) + ["--do_train", "--batch_size", "8", "--epochs", "1"]
+    driver.main(args)
+    assert "of an earlier run" not in (output_dir / "log.txt").read_text()
+    driver.main(args)
+    assert "already has checkpoint_last.pt of an earlier run" in (output_dir / "log.txt").read_text()
+
+
 def test_eval_only_from_checkpoint(driver, corpus, tmp_path):
     train_dir = tmp_path / "train"
     driver.main(_data_args(corpus, train_dir) + ["--do_train", "--epochs", "1", "--batch_size", "8"])
@@ -255,6 +264,20 @@ def test_cli_missing_checkpoint_exits_cleanly(driver, corpus, tmp_path):
     assert status == 1
     log = (output_dir / "log.txt").read_text()
     assert f"FileNotFoundError: checkpoint not found: {missing}" in log
+    assert "Traceback" not in log
+
+
+def test_cli_invalid_feature_exits_cleanly(driver, corpus, tmp_path):
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    victim = sorted((copy / "features" / "domain_agnostic" / "train").glob("*.pkl"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    output_dir = tmp_path / "run"
+    status = driver.run_cli(_data_args(copy, output_dir) + ["--do_train", "--epochs", "1", "--batch_size", "8"])
+    assert status == 1
+    log = (output_dir / "log.txt").read_text()
+    assert "InvalidDataError: 1 of " in log
+    assert f"{victim}: video '{victim.stem}'" in log
     assert "Traceback" not in log
 
 

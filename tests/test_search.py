@@ -221,6 +221,15 @@ def test_stdin_video_without_annotations(corpus, upret_checkpoint, monkeypatch, 
     assert "skipped 'video:test_video': a video query needs --annotations" in caplog.text
 
 
+def test_split_folder_as_root_named(tmp_path):
+    split_folder = tmp_path / "features" / "test"
+    split_folder.mkdir(parents=True)
+    (split_folder / "clip.pkl").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        search.list_feature_videos(FeatureReader(split_folder, "test"))
+    assert f"pass --features_root {tmp_path / 'features'} --split test" in str(error.value)
+
+
 def test_cico_has_no_uncertainty(corpus):
     folder, captions = corpus
     checkpoint = _train(folder, "cico")
