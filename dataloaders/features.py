@@ -173,7 +173,7 @@ class FeatureReader:
         return f"FeatureReader(root={str(self.root)!r}, subset={self.subset!r}, layout={layout!r})"
 
     def path(self, video_name: str) -> Path:
-        """Return the file that holds the video: its pickle, or the packed features array."""
+        """Return the file that contains the video: its pickle, or the packed features array."""
         if self.packed is not None:
             return self.packed.features_path
         return self.root / self.subset / f"{video_name}.pkl"
@@ -208,8 +208,9 @@ class FeatureReader:
 def diagnose_feature_root(root: Union[str, Path], subset: str, video_names: list[str]) -> str:
     """Guess why most feature files of a split are missing; return a hint sentence, or '' without a guess.
 
-    Checks, on a few of ``video_names``: the root is the split folder itself; the split folder is
-    missing but another folder under the root has the files; the files sit in another split folder.
+    It checks three causes on a few of ``video_names``. The root may be the split folder itself. The
+    split folder may be missing while another folder under the root contains the files. Or the files
+    may be in another split folder.
     """
     root = Path(root)
     sample = video_names[:20]
@@ -272,8 +273,8 @@ def pack_split(
     Each pickle is read once, with the restricted unpickler, and validated like :meth:`FeatureReader.load`.
     The features are concatenated as float32 [total_clips, channels] in the order of ``video_names``
     (default: the sorted file names). Both files are written under temporary names and renamed into
-    place, the index last, so a reader never sees a half-written store next to a fresh index; a
-    store whose two files disagree is rejected on load.
+    place, the index last, so a reader never pairs a half-written array with a fresh index. A store
+    whose two files disagree is rejected on load.
 
     Args:
         src_root: feature root of the per-video pickles.

@@ -79,8 +79,8 @@ def find_invalid_videos(
         order, and the number of feature files that do not exist.
 
     NOTE: no result is cached between runs, so every run reads every file again. With warm page
-    caches that took 0.2 s for 2,000 pickles of about 70 clips on a 2-core machine; on a cold network
-    disk it is bound by the file reads, which the packed store turns into one sequential file.
+    caches that took 0.2 s for 2,000 pickles of about 70 clips on a 2-core machine. On a cold network
+    disk the file reads bound it, and the packed store turns them into reads of one file.
     """
     from tqdm import tqdm
 

@@ -136,7 +136,7 @@ class DistributionHead(nn.Module):
     With `checkpoint_activations` set, the attention branch and the two MLP branches each keep only
     their inputs for backward and recompute their activations then (torch.utils.checkpoint, which
     replays the dropout masks). Each branch runs on pieces of at most `checkpoint_items` items, so
-    the recomputation in backward holds the activations of one piece only. The memory kept for
+    the recomputation in backward keeps the activations of one piece only. The memory kept for
     backward drops from about 20 [B, T, D]-sized tensors to 5, and the forward pass runs twice.
     Without dropout the results and gradients are unchanged. With dropout and more than
     `checkpoint_items` items, the masks are drawn piece by piece, so they differ from those of

@@ -111,7 +111,7 @@ class MaxPool3dSame(nn.Module):
     """Max pooling with "same" padding.
 
     The padding is zeros, which acts like TensorFlow's -inf padding because every pool here
-    follows a ReLU and so sees no negative input.
+    follows a ReLU and so receives no negative input.
     """
 
     def __init__(self, kernel: Sequence[int], stride: Sequence[int]) -> None:

@@ -127,9 +127,9 @@ def _weighted_softmax_average(
 
     `queries` [Bq, Tq, D] and `keys` [Bk, Tk, D] are already L2-normalised, `query_weights` is [Bq, Tq].
     Only query tokens with a non-zero weight are scored. The gradient with respect to a zero weight
-    is therefore returned as 0 rather than as the token's average, which is the exact chain-rule
-    result whenever the weights come from a masked softmax or a fixed mean, as in the model: there
-    the derivative of a zero weight with respect to the inputs is 0.
+    is therefore returned as 0 rather than as the token's average. That is the exact chain-rule
+    result whenever the weights come from a masked softmax or a fixed mean, as in the model, because
+    there the derivative of a zero weight with respect to the inputs is 0.
     """
     num_queries, query_len, dim = queries.shape
     num_keys, key_len, _ = keys.shape

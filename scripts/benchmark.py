@@ -2,9 +2,10 @@
 """Measure the speed and memory of the UPRet training head, a training step and a gallery evaluation.
 
 Every section compares the project's implementation with a naive dense implementation of the same
-formulas, written out in this file without the project's similarity, optimal-transport or loss code:
-the token-wise softmax similarities in both directions as [B, B, Tv, Tt] tensors, a plain-domain
-Sinkhorn, the max-based OT score and the symmetric InfoNCE. Both run on the same inputs, and the
+formulas. That implementation is written out in this file without the project's similarity,
+optimal-transport or loss code. It builds the token-wise softmax similarities in both directions as
+[B, B, Tv, Tt] tensors and runs a plain-domain Sinkhorn, the max-based OT score and the symmetric
+InfoNCE. Both run on the same inputs, and the
 losses and gradients must agree to a relative 1e-5.
 
 Sections (--sections, default all):
@@ -280,7 +281,7 @@ def _shard_step(head: Head, tokens: Dict[str, torch.Tensor], world_size: int):
     """One rank's head step: per-item heads on the local items, sharded loss against all texts.
 
     The other ranks' text outputs are prepared once outside the step, as the all-gather would
-    deliver them, so the step holds this rank's compute only.
+    deliver them, so the step contains this rank's compute only.
     """
     local = tokens["video"].shape[0] // world_size
     rows = slice(0, local)
@@ -423,7 +424,7 @@ def _gallery_features(num: int, dim: int, device: torch.device, full: bool):
 
 
 def _peak_or_time(spec: Dict[str, Any], step: Callable[[], Any], device: torch.device) -> Dict[str, Any]:
-    """Measure the peak memory of the first step, or time steps after a warm-up, as spec["phase"] asks."""
+    """Measure the peak memory of the first step, or time steps after a warm-up, as spec["phase"] selects."""
     if spec["phase"] == "memory":
         return {"peak_mib": measure_peak(step, device)}
     step()
@@ -615,7 +616,7 @@ def section_d(args, report: Report, device: torch.device) -> None:
     from modules.similarity import inference_score
 
     print(f"\n(d) evaluation of {args.gallery} x {args.gallery} random features, block size {args.block_size}")
-    # Equality on a corner of the gallery, against the naive dense formula (C9) with d = 0.5.
+    # Equality on a corner of the gallery, against the naive dense score d * I2T + (1 - d) * T2I with d = 0.5.
     video, text = _gallery_features(min(args.gallery, 48), args.dim, device, args.full_masks)
     scores = inference_score(video, text, block_size=max(1, args.block_size // 4))
     i2t, t2i = naive_similarities(video["tokens"], video["weights"], text["tokens"], text["tokens"], text["weights"])

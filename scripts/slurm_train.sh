@@ -26,7 +26,7 @@ if [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then
   exit 1
 fi
 
-# The repository, with its virtual environment, must be on a file system that every node sees, so one set-up
+# The repository, with its virtual environment, must be on a file system that every node mounts, so one set-up
 # on the batch node serves every node.
 if [[ -z "${UPRET_SKIP_SETUP:-}" ]]; then
   bash "$root/scripts/setup_env.sh"

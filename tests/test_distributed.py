@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -12,17 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_driver import DRIVER, _data_args, _run, corpus  # noqa: F401 (fixture)
+from test_driver import DRIVER, _data_args, _free_port, _run, corpus  # noqa: F401 (fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4
 FEATURE_LEN = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _deterministic_noise(shape, like, generator=None):

@@ -10,13 +10,14 @@ the gathered loss does not depend on the order of the items.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from test_driver import _data_args, _free_port, corpus  # noqa: F401 (fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = REPO_ROOT / "CLCL" / "main_task_retrieval.py"
@@ -26,35 +27,9 @@ EPOCHS = 2
 GLOBAL_BATCH = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import make_surrogate_features
-
-    make_surrogate_features.main([
-        "demo", "--out", str(root), "--train_sentences", "32", "--dev_sentences", "12",
-        "--test_sentences", "12", "--min_frames", "10", "--max_frames", "40",
-    ])
-    return root
-
-
 def _run_args(corpus: Path, output_dir: Path) -> list[str]:
     return [
-        "--config", str(REPO_ROOT / "configs" / "demo.yaml"),
-        "--data_path", str(corpus / "annotations"),
-        "--features_path", str(corpus / "features" / "domain_agnostic"),
-        "--features_path_retrain", str(corpus / "features" / "domain_aware"),
-        "--output_dir", str(output_dir),
-        "--embed_dim", "16", "--text_width", "16", "--text_layers", "1", "--text_heads", "2",
-        "--video_width", "16", "--video_layers", "1", "--video_heads", "2", "--feature_len", "8",
-        "--num_workers", "0", "--batch_size_val", "16", "--log_every", "1",
+        *_data_args(corpus, output_dir),
         "--method", "cico", "--do_train", "--do_eval", "--epochs", str(EPOCHS), "--batch_size", str(GLOBAL_BATCH),
     ]
 

@@ -24,6 +24,7 @@ from modules.compilation import CompiledWithFallback
 from modules.criterion import RetrievalLoss
 from modules.distributed import DistInfo
 from modules.model import RetrievalModel
+from test_driver import _data_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
@@ -295,17 +296,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _driver_args(corpus: Path, output_dir: Path) -> list[str]:
-    return [
-        "--config", str(REPO_ROOT / "configs" / "demo.yaml"),
-        "--data_path", str(corpus / "annotations"),
-        "--features_path", str(corpus / "features" / "domain_agnostic"),
-        "--features_path_retrain", str(corpus / "features" / "domain_aware"),
-        "--output_dir", str(output_dir),
-        "--embed_dim", "16", "--text_width", "16", "--text_layers", "1", "--text_heads", "2",
-        "--video_width", "16", "--video_layers", "1", "--video_heads", "2", "--dist_heads", "2",
-        "--feature_len", "8", "--num_workers", "0", "--batch_size_val", "16", "--log_every", "0",
-        "--do_train", "--epochs", "1", "--batch_size", "8",
-    ]
+    return [*_data_args(corpus, output_dir), "--log_every", "0", "--do_train", "--epochs", "1", "--batch_size", "8"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

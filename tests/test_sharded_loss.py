@@ -1,7 +1,6 @@
 """The sharded loss (each rank scores its own videos against all texts) must equal the global-batch loss."""
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from modules.criterion import RetrievalLoss, ThreadGroup, sharded_cross_entropy
 from test_criterion import make_outputs
+from test_driver import _free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("video", "text", "text_aug")
@@ -139,12 +139,6 @@ def test_sharded_sinkhorn_stops_globally():
 
 GLOBAL_BATCH = 4
 FEATURE_LEN = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _deterministic_noise(shape, like, generator=None):
